@@ -1,0 +1,89 @@
+"""The contract every structured family fulfils: fast apply, dense form, closed-form parameter count."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Init = Literal["zero", "random"]
+INITS: tuple[str, ...] = ("zero", "random")
+
+
+class StructuredMatrix(nn.Module, ABC):
+    """A trainable matrix M of shape (out_features, in_features) with a structured parameterisation.
+
+    Subclasses implement three things:
+
+    * :meth:`forward` -- the fast apply ``y = M x`` over the last dimension of ``x``, never building M;
+    * :meth:`dense` -- M itself, for merging, testing and export;
+    * :meth:`num_parameters` -- the closed-form count of trainable numbers.
+
+    Args:
+        out_features: m, the number of rows of M.
+        in_features: n, the number of columns of M.
+        init: ``"zero"`` makes M = 0 (the adapted model equals the base model at step 0) while keeping a
+            non-zero gradient; ``"random"`` makes M a non-zero random matrix (used by tests and by users who
+            want a non-identity start).
+
+    Raises:
+        ValueError: if a size is not a positive integer or ``init`` is not one of ``"zero"``, ``"random"``.
+    """
+
+    def __init__(self, out_features: int, in_features: int, init: Init = "zero") -> None:
+        super().__init__()
+        for name, value in (("out_features", out_features), ("in_features", in_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.out_features = out_features
+        self.in_features = in_features
+        self.init = init
+
+    @abstractmethod
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply M to the last dimension of ``x``: (..., in_features) -> (..., out_features)."""
+
+    @abstractmethod
+    def dense(self) -> Tensor:
+        """Return M as a dense (out_features, in_features) tensor in the parameters' dtype."""
+
+    @abstractmethod
+    def num_parameters(self) -> int:
+        """Return the number of trainable numbers, computed from the closed formula of the family."""
+
+    @abstractmethod
+    def reset_parameters(self) -> None:
+        """Re-initialise the parameters according to ``self.init``."""
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.out_features}, in_features={self.in_features}, init={self.init!r}"
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs of shape (..., {self.in_features}), "
+                f"got {tuple(x.shape)}"
+            )
+
+
+def compute_dtype(x: Tensor, *params: Tensor) -> torch.dtype:
+    """The dtype a fast apply runs in: float64 if anything is float64, otherwise float32.
+
+    Half-precision inputs (float16, bfloat16) are computed in float32: FFTs in half precision are
+    limited to power-of-two sizes and lose accuracy. The caller casts the result back to ``x.dtype``.
+    """
+    if x.dtype == torch.float64 or any(p.dtype == torch.float64 for p in params):
+        return torch.float64
+    return torch.float32
+
+
+def kaiming_uniform_(tensor: Tensor, fan_in: int) -> Tensor:
+    """LoRA's Kaiming-uniform init (a = sqrt(5)) for a factor whose rows read ``fan_in`` inputs."""
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound)

@@ -1,0 +1,85 @@
+"""Circulant matrices, applied by FFT in O(N log N)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._fft import circulant_dense, circular_convolution
+from .base import Init, StructuredMatrix, compute_dtype
+
+CirculantParameterization = Literal["plain", "product"]
+
+
+class Circulant(StructuredMatrix):
+    """M = the top-left (m, n) block of circ(c), c in R^N, N = max(m, n).
+
+    ``M_ij = c_{(i-j) mod N}``. Applied as ``y = irfft(rfft(c) * rfft(pad_N(x)))[:m]``: x is zero-padded
+    to N, the circular convolution has N outputs and the first m are kept. For m = n this is the plain
+    circulant matrix; for m != n it is the circulant of the larger side, truncated.
+
+    Parameterisations:
+
+    * ``"plain"`` (default): c is the parameter. Parameters: ``N = max(m, n)``.
+      Init ``"zero"``: c = 0 (M = 0, dM/dc != 0).
+    * ``"product"`` (SURM's ``use_prod``): c = a * b element-wise. Parameters: ``2 N``.
+      Init ``"zero"``: a ~ N(0, 1), b = 0, as in the SURM code.
+
+    Args:
+        out_features: m.
+        in_features: n.
+        parameterization: ``"plain"`` or ``"product"``.
+        init: ``"zero"`` or ``"random"`` (see :class:`StructuredMatrix`).
+
+    Raises:
+        ValueError: for an unknown parameterisation.
+    """
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        parameterization: CirculantParameterization = "plain",
+        init: Init = "zero",
+    ) -> None:
+        super().__init__(out_features, in_features, init)
+        if parameterization not in ("plain", "product"):
+            raise ValueError(f"parameterization must be 'plain' or 'product', got {parameterization!r}")
+        self.parameterization = parameterization
+        self.size = max(out_features, in_features)
+        self.column = nn.Parameter(torch.empty(self.size))
+        self.factor = nn.Parameter(torch.empty(self.size)) if parameterization == "product" else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scale = 1.0 / math.sqrt(self.size)
+        with torch.no_grad():
+            if self.factor is not None:
+                self.factor.normal_(0.0, 1.0)
+            if self.init == "random":
+                self.column.normal_(0.0, scale)
+            else:
+                self.column.zero_()
+
+    def first_column(self) -> Tensor:
+        """c, the first column of the N x N circulant."""
+        return self.column if self.factor is None else self.column * self.factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        dtype = compute_dtype(x, self.column)
+        c = self.first_column().to(dtype)
+        y = circular_convolution(c, x.to(dtype), self.size)[..., : self.out_features]
+        return y.to(x.dtype)
+
+    def dense(self) -> Tensor:
+        return circulant_dense(self.first_column(), self.out_features, self.in_features)
+
+    def num_parameters(self) -> int:
+        return self.size * (2 if self.parameterization == "product" else 1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, parameterization={self.parameterization!r}"

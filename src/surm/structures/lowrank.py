@@ -1,0 +1,56 @@
+"""Low rank M = B A: LoRA's update, the baseline inside surm's own framework."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Init, StructuredMatrix, compute_dtype, kaiming_uniform_
+from .options import require_positive_int
+
+
+class LowRank(StructuredMatrix):
+    """M = B A with B in R^{m x r}, A in R^{r x n} (Hu et al. 2021, LoRA).
+
+    Applied as two matmuls, ``y = (x A^T) B^T``. Parameters: ``r (m + n)``. Any m, n, and r >= 1.
+    Init ``"zero"``: A Kaiming-uniform (a = sqrt(5)), B = 0, as in LoRA.
+
+    Args:
+        out_features: m.
+        in_features: n.
+        rank: r.
+        init: ``"zero"`` or ``"random"``.
+
+    Raises:
+        ValueError: if ``rank`` is not a positive integer.
+    """
+
+    def __init__(self, out_features: int, in_features: int, rank: int = 8, init: Init = "zero") -> None:
+        super().__init__(out_features, in_features, init)
+        self.rank = require_positive_int("rank", rank)
+        self.down = nn.Parameter(torch.empty(rank, in_features))  # A
+        self.up = nn.Parameter(torch.empty(out_features, rank))  # B
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        kaiming_uniform_(self.down, self.in_features)
+        if self.init == "random":
+            kaiming_uniform_(self.up, self.rank)
+        else:
+            with torch.no_grad():
+                self.up.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        dtype = compute_dtype(x, self.down)
+        h = x.to(dtype) @ self.down.to(dtype).T
+        return (h @ self.up.to(dtype).T).to(x.dtype)
+
+    def dense(self) -> Tensor:
+        return self.up @ self.down
+
+    def num_parameters(self) -> int:
+        return self.rank * (self.out_features + self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}"

@@ -1,0 +1,20 @@
+"""Validation helpers for family options: errors name the value and what would be valid."""
+
+from __future__ import annotations
+
+
+def require_positive_int(name: str, value: object) -> int:
+    """Return ``value`` if it is an integer >= 1, else raise a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def divisors(n: int) -> list[int]:
+    """All positive divisors of n, ascending."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def divisor_nearest_sqrt(n: int) -> int:
+    """The divisor d of n that is closest to sqrt(n) (the smaller one on a tie), which balances d and n / d."""
+    return min(divisors(n), key=lambda d: (abs(d * d - n), d))

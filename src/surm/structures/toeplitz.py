@@ -1,0 +1,117 @@
+"""Toeplitz matrices (constant along every diagonal), applied by embedding in a circulant and FFT."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._fft import apply_toeplitz, toeplitz_dense
+from .base import Init, StructuredMatrix, compute_dtype
+
+ToeplitzParameterization = Literal["plain", "product"]
+
+#: Standard deviation of the non-zero factor in the SURM code's product init.
+SURM_PRODUCT_STD = 0.02
+
+
+class Toeplitz(StructuredMatrix):
+    """M_ij = t_{i-j} for i - j in [-(n-1), m-1]: rectangular natively, no padding rule needed.
+
+    Applied in O((m+n) log(m+n)): T is the top-left block of a circulant of length L >= m + n - 1
+    (L the next 5-smooth size), so ``y = irfft(rfft(c) * rfft(pad_L(x)))[:m]``.
+
+    Parameterisations:
+
+    * ``"plain"`` (default): the m + n - 1 diagonals are the parameters. Parameters: ``m + n - 1``.
+      Init ``"zero"``: t = 0.
+    * ``"product"`` (SURM's Toeplitz LoRA, generalised to rectangles): M = T(b) T(a) with T(a) of shape
+      (k, n), T(b) of shape (m, k), k = min(m, n) (M cannot have rank above k anyway).
+      Parameters: ``(m + k - 1) + (k + n - 1)``. Init ``"zero"``: a ~ N(0, 0.02^2), b = 0.
+      A product of Toeplitz matrices is in general not Toeplitz.
+
+    Args:
+        out_features: m.
+        in_features: n.
+        parameterization: ``"plain"`` or ``"product"``.
+        init: ``"zero"`` or ``"random"``.
+
+    Raises:
+        ValueError: for an unknown parameterisation.
+    """
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        parameterization: ToeplitzParameterization = "plain",
+        init: Init = "zero",
+    ) -> None:
+        super().__init__(out_features, in_features, init)
+        if parameterization not in ("plain", "product"):
+            raise ValueError(f"parameterization must be 'plain' or 'product', got {parameterization!r}")
+        self.parameterization = parameterization
+        self.inner = min(out_features, in_features)
+        if parameterization == "plain":
+            self.outer_values = nn.Parameter(torch.empty(self._values_length(out_features, in_features)))
+            self.inner_values = None
+        else:
+            self.outer_values = nn.Parameter(torch.empty(self._values_length(out_features, self.inner)))
+            self.inner_values = nn.Parameter(torch.empty(self._values_length(self.inner, in_features)))
+        self.reset_parameters()
+
+    @staticmethod
+    def _values_length(rows: int, cols: int) -> int:
+        """How many numbers parameterise one (rows, cols) factor."""
+        return rows + cols - 1
+
+    @staticmethod
+    def _diagonals(values: Tensor, rows: int, cols: int) -> Tensor:
+        """The rows + cols - 1 diagonals t_{-(cols-1)} .. t_{rows-1} of the factor held in ``values``."""
+        return values
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.inner_values is None:
+                if self.init == "random":
+                    self.outer_values.normal_(0.0, 1.0 / math.sqrt(self.in_features))
+                else:
+                    self.outer_values.zero_()
+                return
+            if self.init == "random":
+                self.inner_values.normal_(0.0, 1.0 / math.sqrt(self.in_features))
+                self.outer_values.normal_(0.0, 1.0 / math.sqrt(self.inner))
+            else:
+                self.inner_values.normal_(0.0, SURM_PRODUCT_STD)
+                self.outer_values.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        m, n, k = self.out_features, self.in_features, self.inner
+        dtype = compute_dtype(x, self.outer_values)
+        h = x.to(dtype)
+        if self.inner_values is None:
+            y = apply_toeplitz(self._diagonals(self.outer_values.to(dtype), m, n), h, m, n)
+        else:
+            h = apply_toeplitz(self._diagonals(self.inner_values.to(dtype), k, n), h, k, n)
+            y = apply_toeplitz(self._diagonals(self.outer_values.to(dtype), m, k), h, m, k)
+        return y.to(x.dtype)
+
+    def dense(self) -> Tensor:
+        m, n, k = self.out_features, self.in_features, self.inner
+        if self.inner_values is None:
+            return toeplitz_dense(self._diagonals(self.outer_values, m, n), m, n)
+        outer = toeplitz_dense(self._diagonals(self.outer_values, m, k), m, k)
+        inner = toeplitz_dense(self._diagonals(self.inner_values, k, n), k, n)
+        return outer @ inner
+
+    def num_parameters(self) -> int:
+        m, n, k = self.out_features, self.in_features, self.inner
+        if self.parameterization == "plain":
+            return self._values_length(m, n)
+        return self._values_length(m, k) + self._values_length(k, n)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, parameterization={self.parameterization!r}"
