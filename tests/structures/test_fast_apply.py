@@ -1,0 +1,110 @@
+"""Every family's fast apply against its dense materialisation, in float64, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import surm
+
+from .cases import FAMILY_CASES, KRONECKER_RANK_CASES, SHAPES, case_id
+
+ALL_CASES = [(name, options, m, n) for name, options in FAMILY_CASES for m, n in SHAPES] + [
+    ("kronecker", {"rank": r}, m, n) for m, n, r in KRONECKER_RANK_CASES
+]
+IDS = [f"{case_id((name, options))}-{m}x{n}" for name, options, m, n in ALL_CASES]
+
+
+def build(name: str, options: dict, m: int, n: int, init: str = "random", seed: int = 0) -> surm.StructuredMatrix:
+    torch.manual_seed(seed)
+    return surm.structure(name, m, n, init=init, **options).double()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize(("name", "options", "m", "n"), ALL_CASES, ids=IDS)
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)], ids=["1d", "2d", "3d"])
+def test_fast_apply_equals_dense(name, options, m, n, lead):
+    module = build(name, options, m, n)
+    x = torch.randn(*lead, n, dtype=torch.float64)
+    with torch.no_grad():
+        fast = module(x)
+        reference = x @ module.dense().T
+    assert fast.shape == (*lead, m)
+    assert fast.dtype == torch.float64
+    assert reference.abs().max() > 0, "a random init must give a non-zero M"
+    assert relative_error(fast, reference) < 1e-10
+
+
+@pytest.mark.parametrize(("name", "options", "m", "n"), ALL_CASES, ids=IDS)
+def test_gradients_equal_dense_gradients(name, options, m, n):
+    module = build(name, options, m, n)
+    x = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, m, dtype=torch.float64)
+    params = dict(module.named_parameters())
+
+    fast_grads = torch.autograd.grad((module(x) * weights).sum(), [x, *params.values()])
+    dense_grads = torch.autograd.grad((x @ module.dense().T * weights).sum(), [x, *params.values()])
+    for label, fast, dense in zip(["x", *params], fast_grads, dense_grads):
+        assert dense.abs().max() > 0, f"gradient of {label} is zero"
+        assert relative_error(fast, dense) < 1e-10, label
+
+
+@pytest.mark.parametrize(("name", "options", "m", "n"), ALL_CASES, ids=IDS)
+def test_gradcheck(name, options, m, n):
+    module = build(name, options, m, n)
+    names = [k for k, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
+    x = torch.randn(2, n, dtype=torch.float64, requires_grad=True)
+
+    def apply(x, *values):
+        return functional_call(module, dict(zip(names, values)), (x,))
+
+    assert torch.autograd.gradcheck(apply, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "options"), FAMILY_CASES, ids=[case_id(c) for c in FAMILY_CASES])
+def test_zero_init_is_zero_but_trainable(name, options):
+    m, n = 10, 6
+    module = build(name, options, m, n, init="zero")
+    x = torch.randn(4, n, dtype=torch.float64)
+    assert torch.count_nonzero(module.dense()) == 0
+    y = module(x)
+    assert y.abs().max() == 0
+    grads = torch.autograd.grad((y * torch.randn_like(y)).sum(), list(module.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().max() > 0 for g in grads), "no parameter gets a gradient at M = 0"
+
+
+@pytest.mark.parametrize(("name", "options"), FAMILY_CASES, ids=[case_id(c) for c in FAMILY_CASES])
+def test_reset_parameters_restores_init(name, options):
+    module = build(name, options, 9, 7, init="zero")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+    assert module.dense().abs().max() > 0
+    module.reset_parameters()
+    assert module.dense().abs().max() == 0
+
+
+@pytest.mark.parametrize(("name", "options"), FAMILY_CASES, ids=[case_id(c) for c in FAMILY_CASES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_lower_precision_inputs(name, options, dtype):
+    torch.manual_seed(0)
+    module = surm.structure(name, 12, 18, init="random", **options)  # float32 parameters
+    x = torch.randn(4, 18)
+    y = module(x.to(dtype))
+    assert y.dtype == dtype
+    reference = x.to(dtype).float() @ module.dense().T
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype]
+    assert relative_error(y.float(), reference) < tolerance
+
+
+def test_float64_parameters_with_float32_input_compute_in_float64():
+    module = build("circulant", {}, 7, 5)
+    x = torch.randn(3, 5)
+    y = module(x)
+    assert y.dtype == torch.float32
+    assert relative_error(y.double(), x.double() @ module.dense().T) < 1e-7
