@@ -1,0 +1,51 @@
+"""LDR: displacement rank at most r for (Z_1, Z_{-1}); the skew-circulant factor; truncation to rectangles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import surm
+from surm.structures.ldr import skew_circulant_dense
+
+
+def shift(size: int, corner: float) -> torch.Tensor:
+    """Z_f: ones below the diagonal, f in the top-right corner."""
+    z = torch.diag(torch.ones(size - 1, dtype=torch.float64), -1)
+    z[0, -1] = corner
+    return z
+
+
+def numerical_rank(matrix: torch.Tensor) -> int:
+    singular = torch.linalg.svdvals(matrix)
+    return int((singular > 1e-9 * singular[0]).sum())
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("size", [7, 8])
+def test_displacement_rank_is_at_most_r(rank, size):
+    torch.manual_seed(rank)
+    module = surm.structure("ldr", size, size, displacement_rank=rank, init="random").double()
+    dense = module.dense()
+    displacement = shift(size, 1.0) @ dense - dense @ shift(size, -1.0)
+    assert numerical_rank(displacement) <= rank  # the issue's bound is 2r; the construction gives r
+    assert numerical_rank(dense) == size  # yet M itself is full rank
+
+
+def test_skew_circulant_commutes_with_its_shift_and_flips_sign_above_the_diagonal():
+    s = torch.randn(6, dtype=torch.float64)
+    skew = skew_circulant_dense(s)
+    z = shift(6, -1.0)
+    assert torch.allclose(z @ skew, skew @ z, atol=1e-12)
+    assert torch.equal(skew[:, 0], s)
+    assert skew[0, 1] == -s[5]
+    assert torch.equal(skew[1:, 1], s[:-1])
+
+
+@pytest.mark.parametrize(("m", "n"), [(5, 9), (10, 6)])
+def test_rectangular_is_the_top_left_block_of_the_square(m, n):
+    torch.manual_seed(0)
+    module = surm.structure("ldr", m, n, displacement_rank=2, init="random").double()
+    square = surm.structure("ldr", max(m, n), max(m, n), displacement_rank=2).double()
+    square.load_state_dict(module.state_dict())
+    assert torch.equal(module.dense(), square.dense()[:m, :n])
