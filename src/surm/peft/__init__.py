@@ -1,0 +1,10 @@
+"""surm as a Hugging Face PEFT method: ``peft.get_peft_model(model, SurmConfig(...))``."""
+
+from .config import SurmConfig
+from .layer import NotMergeableError, SurmLayer
+from .model import SurmModel
+from .registration import SURM_PEFT_TYPE, register
+
+register()
+
+__all__ = ["SURM_PEFT_TYPE", "NotMergeableError", "SurmConfig", "SurmLayer", "SurmModel"]

@@ -1,0 +1,168 @@
+"""SurmConfig: the PEFT configuration of a structured adapter."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ..insertion import ACTIVATIONS
+from ..structures import STRUCTURES, structure_options
+
+MODES = ("delta", "adapter")
+#: Config fields that are forwarded to the family constructor when set (None means "the family's default").
+FAMILY_OPTION_FIELDS = ("rank", "nblocks", "block_rank", "factors", "terms", "displacement_rank", "parameterization")
+#: Keys an ``override_pattern`` entry may set.
+OVERRIDABLE = ("structure", *FAMILY_OPTION_FIELDS, "alpha", "bottleneck")
+
+
+@dataclass
+class SurmConfig(PeftConfig):
+    """Configuration of a surm adapter: a structured matrix as LoRA's ΔW ("delta") or as an Adapter ("adapter").
+
+    Mode ``"delta"``: ``h = W0 x + b + alpha · M(dropout(x))`` on ``nn.Linear``, Transformers' ``Conv1D`` and 1x1
+    ``nn.Conv2d``; mergeable. Mode ``"adapter"``: on the output h of each targeted module,
+    ``h <- h + act(S · dropout(h)) + b`` with S a structured d x d map (SURM-Adapter, the identity at start), or
+    with ``bottleneck=k``, ``h <- h + U act(D · dropout(h))`` with structured D (k x d), U (d x k), U = 0 at start.
+    """
+
+    structure: str = field(
+        default="circulant",
+        metadata={"help": f"Structured family of M (or S): one of {sorted(STRUCTURES)}."},
+    )
+    rank: Optional[int] = field(
+        default=None, metadata={"help": "lowrank: the rank r (default 8). kronecker: SURM's r, factors (m/r, r)."}
+    )
+    nblocks: Optional[int] = field(default=None, metadata={"help": "monarch: number of blocks N (default 4)."})
+    block_rank: Optional[int] = field(default=None, metadata={"help": "monarch: rank of each block r_b (default 4)."})
+    factors: Optional[list[int]] = field(
+        default=None, metadata={"help": "kronecker: shape (m1, n1) of the first factor; default near sqrt."}
+    )
+    terms: Optional[int] = field(default=None, metadata={"help": "kronecker: number of Kronecker products summed."})
+    displacement_rank: Optional[int] = field(default=None, metadata={"help": "ldr: displacement rank r (default 1)."})
+    parameterization: Optional[str] = field(
+        default=None,
+        metadata={"help": "circulant/toeplitz/symmetric_toeplitz: 'plain' (default) or 'product' (SURM's form)."},
+    )
+    mode: Literal["delta", "adapter"] = field(
+        default="delta", metadata={"help": "'delta' (structured ΔW, mergeable) or 'adapter' (on module outputs)."}
+    )
+    alpha: float = field(default=1.0, metadata={"help": "Scale s of the update: h = W0 x + s · M x (delta mode)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter's input."})
+    bottleneck: Optional[int] = field(
+        default=None,
+        metadata={"help": "Adapter mode: bottleneck width k (h + U act(D h)); None for SURM's single d x d map."},
+    )
+    activation: str = field(
+        default="gelu", metadata={"help": f"Adapter mode: the non-linearity act, one of {ACTIVATIONS}."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffix match), a regex (full match) or 'all-linear'. Default for BERT-like "
+            "models: query, value (delta) or output.dense (adapter: after attention output and FFN output)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave out of target_modules."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides the adapters to train and save, e.g. ['classifier']."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list (e.g. 'layer') used with layers_to_transform."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: the adapted model equals the base model at start. False: random non-zero (tests)."},
+    )
+    override_pattern: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module overrides, like PEFT's rank_pattern: regex matched against the end of the module "
+            f"name -> dict of {list(OVERRIDABLE)}, e.g. {{'value': {{'structure': 'monarch', 'nblocks': 2}}}}."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .registration import SURM_PEFT_TYPE
+
+        self.peft_type = SURM_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.factors, tuple):
+            self.factors = list(self.factors)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bottleneck is not None and self.mode != "adapter":
+            raise ValueError(f"bottleneck={self.bottleneck} needs mode='adapter', got mode={self.mode!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
+        if not isinstance(self.override_pattern, dict):
+            raise ValueError(f"override_pattern must be a dict, got {type(self.override_pattern).__name__}")
+        self.resolve("")  # validates the defaults
+        for pattern, overrides in self.override_pattern.items():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"override_pattern key {pattern!r} is not a valid regex: {error}") from None
+            if not isinstance(overrides, dict):
+                raise ValueError(f"override_pattern[{pattern!r}] must be a dict, got {overrides!r}")
+            unknown = sorted(set(overrides) - set(OVERRIDABLE))
+            if unknown:
+                raise ValueError(f"override_pattern[{pattern!r}] has unknown key(s) {unknown}; valid: {list(OVERRIDABLE)}")
+            self._check_settings({**self._base_settings(), **overrides}, f"override_pattern[{pattern!r}]")
+
+    def _base_settings(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in OVERRIDABLE}
+
+    def resolve(self, module_name: str) -> dict[str, Any]:
+        """The settings for one module: the config's, updated by the first matching ``override_pattern`` entry.
+
+        Returns a dict with ``structure``, ``options`` (the family keyword arguments that are set), ``alpha`` and
+        ``bottleneck``.
+        """
+        settings = self._base_settings()
+        for pattern, overrides in self.override_pattern.items():
+            if re.fullmatch(rf"(.*\.)?{pattern}", module_name):
+                settings.update(overrides)
+                break
+        return self._check_settings(settings, "SurmConfig")
+
+    @staticmethod
+    def _check_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
+        name = settings["structure"]
+        if name not in STRUCTURES:
+            raise ValueError(f"{where}: unknown structure {name!r}; valid structures: {sorted(STRUCTURES)}")
+        valid = structure_options(name)
+        options = {k: settings[k] for k in FAMILY_OPTION_FIELDS if settings.get(k) is not None}
+        invalid = sorted(set(options) - set(valid))
+        if invalid:
+            raise ValueError(
+                f"{where}: option(s) {invalid} do not apply to structure {name!r}; "
+                f"its options are {[o for o in valid if o != 'init']}"
+            )
+        if "factors" in options:
+            options["factors"] = tuple(options["factors"])
+        bottleneck = settings.get("bottleneck")
+        if bottleneck is not None and (isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1):
+            raise ValueError(f"{where}: bottleneck must be a positive integer or None, got {bottleneck!r}")
+        alpha = settings.get("alpha")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"{where}: alpha must be a finite number, got {alpha!r}")
+        return {"structure": name, "options": options, "alpha": float(alpha), "bottleneck": bottleneck}

@@ -1,0 +1,186 @@
+"""SurmLayer: a PEFT tuner layer that wraps one Linear / Conv1D / 1x1 Conv2d and holds named surm adapters."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import Tensor, nn
+from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
+
+from ..insertion import DeltaUpdate, OutputAdapter
+from ..structures import structure
+from .config import SurmConfig
+
+SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D and torch.nn.Conv2d with a 1x1 kernel and groups=1"
+
+
+class NotMergeableError(ValueError):
+    """Raised when an adapter-mode adapter is asked to merge: h + act(S h) is not a linear map of x."""
+
+
+def _layer_geometry(base_layer: nn.Module) -> tuple[str, int, int]:
+    """(kind, in_features, out_features) of a supported base layer, or a TypeError naming what is supported."""
+    if isinstance(base_layer, nn.Linear):
+        return "linear", base_layer.in_features, base_layer.out_features
+    if isinstance(base_layer, Conv1D):
+        in_features, out_features = base_layer.weight.shape
+        return "conv1d", in_features, out_features
+    if isinstance(base_layer, nn.Conv2d):
+        if tuple(base_layer.kernel_size) != (1, 1) or base_layer.groups != 1:
+            raise TypeError(
+                f"surm supports nn.Conv2d only with kernel_size=(1, 1) and groups=1 (a pointwise linear map), got "
+                f"kernel_size={tuple(base_layer.kernel_size)}, groups={base_layer.groups}"
+            )
+        return "conv2d", base_layer.in_channels, base_layer.out_channels
+    raise TypeError(f"surm cannot adapt {type(base_layer).__name__}; supported layers: {SUPPORTED_LAYERS}")
+
+
+class SurmLayer(nn.Module, BaseTunerLayer):
+    """A base layer plus named surm adapters whose effects add (they never chain).
+
+    For input x and base output ``h0 = base(x)``:
+    ``h = h0 + Σ_{delta adapters a} s_a · M_a(dropout(x))`` and ``out = h + Σ_{adapter-mode adapters b} f_b(h)``,
+    each over the active adapters. Delta adapters merge into the base weight (``get_delta_weight`` is the one
+    source of truth for merge, unmerge and export); adapter-mode adapters refuse to merge.
+    """
+
+    adapter_layer_names = ("surm_delta", "surm_adapter")
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SurmConfig, settings: dict[str, Any]) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind, self.in_features, self.out_features = _layer_geometry(self.get_base_layer())
+        self.surm_delta = nn.ModuleDict()
+        self.surm_adapter = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, settings)
+
+    def update_layer(self, adapter_name: str, config: SurmConfig, settings: dict[str, Any]) -> None:
+        """Create adapter ``adapter_name`` from the resolved per-module ``settings`` (see ``SurmConfig.resolve``)."""
+        if adapter_name in self.surm_delta or adapter_name in self.surm_adapter:
+            raise ValueError(f"this layer already has an adapter named {adapter_name!r}")
+        init = "zero" if config.init_weights else "random"
+        if config.mode == "delta":
+            matrix = structure(settings["structure"], self.out_features, self.in_features, init=init, **settings["options"])
+            self.surm_delta[adapter_name] = DeltaUpdate(matrix, settings["alpha"], config.dropout)
+        else:
+            self.surm_adapter[adapter_name] = OutputAdapter(
+                self.out_features,
+                settings["structure"],
+                settings["options"],
+                bottleneck=settings["bottleneck"],
+                activation=config.activation,
+                dropout=config.dropout,
+                identity_init=config.init_weights,
+            )
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # -- merging ---------------------------------------------------------------------------------------------
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """s · dense(M) of a delta adapter, in the base weight's layout and dtype."""
+        if adapter not in self.surm_delta:
+            if adapter in self.surm_adapter:
+                raise NotMergeableError(
+                    f"adapter {adapter!r} is in mode 'adapter' (h + act(S h)), which has no weight delta and cannot "
+                    "be merged or exported; use unload() or disable_adapter() instead"
+                )
+            raise KeyError(f"no adapter named {adapter!r} on this layer; it has {self._all_available_adapter_names()}")
+        weight = self.get_base_layer().weight
+        delta = self.surm_delta[adapter].delta_weight()
+        if self.kind == "conv1d":
+            delta = delta.T
+        elif self.kind == "conv2d":
+            delta = delta[:, :, None, None]
+        return delta.to(device=weight.device, dtype=weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the active (or named) delta adapters to the base weight.
+
+        Every delta is checked for non-finite values before the weight is touched; with ``safe_merge`` the
+        merged weight is built in a copy and checked too (catches overflow in float16). Already merged adapters
+        are skipped, so merging twice is a no-op.
+
+        Raises:
+            NotMergeableError: if one of the adapters is in mode 'adapter'.
+            ValueError: if a delta or the merged weight would be non-finite; nothing is merged then.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name in self.surm_adapter:
+                self.get_delta_weight(name)  # raises NotMergeableError with the explanation
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.surm_delta:
+                continue
+            delta = self.get_delta_weight(name)
+            if not torch.isfinite(delta).all():
+                raise ValueError(f"adapter {name!r} has non-finite values in its weight delta; refusing to merge it")
+            if safe_merge:
+                merged = base.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"merging adapter {name!r} gives non-finite weights; refusing to merge it")
+                base.weight.data = merged
+            else:
+                base.weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged delta adapter from the base weight again (restores W0 to float rounding)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.surm_delta:
+                self.get_base_layer().weight.data -= self.get_delta_weight(name)
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def _delta_input(self, x: Tensor) -> Tensor:
+        """The rows the base layer multiplies by its weight, channel-last: the input of every delta adapter."""
+        if self.kind != "conv2d":
+            return x
+        conv = self.get_base_layer()
+        padding = conv.padding if not isinstance(conv.padding, str) else (0, 0)  # 'same' and 'valid' are 0 for 1x1
+        if any(padding):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=mode)
+        x = x[..., :: conv.stride[0], :: conv.stride[1]]
+        return x.movedim(-3, -1)
+
+    def _channels_last(self, h: Tensor) -> Tensor:
+        return h.movedim(-3, -1) if self.kind == "conv2d" else h
+
+    def _channels_back(self, h: Tensor) -> Tensor:
+        return h.movedim(-1, -3) if self.kind == "conv2d" else h
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        active = self.active_adapters
+        if not self.merged:
+            deltas = [self.surm_delta[name] for name in active if name in self.surm_delta]
+            if deltas:
+                rows = self._delta_input(x)
+                update = sum(delta(rows) for delta in deltas)
+                result = result + self._channels_back(update).to(result.dtype)
+        adapters = [self.surm_adapter[name] for name in active if name in self.surm_adapter]
+        if adapters:
+            h = self._channels_last(result)
+            result = result + self._channels_back(sum(adapter(h) for adapter in adapters)).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "surm." + super().__repr__()
