@@ -1,34 +1,170 @@
-"""The ``surm`` command line (also ``python -m surm``)."""
+"""The ``surm`` command line (also ``python -m surm``): finetune, compare, demo.
+
+With no arguments it runs the main job: ``surm compare``'s quick preset on MiniLM + mr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any, Optional
 
 from . import __version__
 
+FAMILY_FLAGS = {
+    "rank": int, "nblocks": int, "block_rank": int, "terms": int, "displacement_rank": int, "bottleneck": int,
+    "parameterization": str, "alpha": float, "dropout": float, "block_size": int,
+}
+
+
+def _factors(text: str) -> list[int]:
+    try:
+        m1, n1 = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--factors takes two integers 'm1,n1', got {text!r}") from None
+    return [m1, n1]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by finetune and compare (everything but the method)."""
+    parser.add_argument("--model", default="minilm", help="'minilm', 'efficientnet-lite0', a HF model id or local path")
+    parser.add_argument("--dataset", default="mr", help="mr, trec, sms, digits, mnist, a local CSV/TSV/JSONL or HF id")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--text-pair-column", default=None, help="second text column for sentence-pair tasks")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch size (split over processes)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    parser.add_argument("--head-lr", type=float, default=None, help="learning rate of the classifier head")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup-ratio", type=float, default=0.06)
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per text (truncation)")
+    parser.add_argument("--train-size", type=int, default=None, help="train on a seeded subset of this many examples")
+    parser.add_argument("--eval-size", type=int, default=None, help="evaluate on seeded subsets of this size")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--structure", default="circulant", help="a surm family, or lora, c3a, lokr, boft, full")
+    parser.add_argument("--mode", default="delta", choices=["delta", "adapter"])
+    parser.add_argument("--targets", default=None, help="comma-separated module names (default: query,value)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="an adapter_config.json (e.g. from surm search) whose method settings to use")
+    for flag, kind in FAMILY_FLAGS.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None)
+    parser.add_argument("--factors", type=_factors, default=None, help="kronecker: 'm1,n1'")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="surm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="surm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"surm {__version__}")
     commands = parser.add_subparsers(dest="command")
+
+    finetune = commands.add_parser("finetune", help="fine-tune one method and write adapter, results.json and log")
+    add_run_arguments(finetune)
+    add_method_arguments(finetune)
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--output", type=Path, required=True)
+    finetune.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    finetune.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+
+    compare = commands.add_parser("compare", help="several methods x seeds: comparison.md/json and frontier.png")
+    add_run_arguments(compare)
+    compare.add_argument("--methods", default=None, help="comma-separated; 'name:adapter' for adapter mode")
+    compare.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...)")
+    compare.add_argument("--output", type=Path, default=Path("runs/compare"))
+    compare.add_argument("--quick", action="store_true", help="the main job's preset (default when no flag is given)")
+
     demo = commands.add_parser("demo", help="every family on real layer shapes: parameters and apply time")
-    demo.add_argument("--tokens", type=int, default=2048, help="rows of the input (default 2048 = 32 x 64)")
-    demo.add_argument("--repeats", type=int, default=20, help="timed repeats per measurement (median)")
+    demo.add_argument("--tokens", type=int, default=2048)
+    demo.add_argument("--repeats", type=int, default=20)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command in (None, "demo"):
-        from .demo import run_demo
+def method_choice(args: argparse.Namespace) -> Any:
+    """The MethodChoice of finetune's flags (or of --config)."""
+    from .methods import MethodChoice
 
-        for name in ("tokens", "repeats"):
-            value = getattr(args, name, 1)
-            if value < 1:
-                raise SystemExit(f"surm demo: --{name} must be at least 1, got {value}")
-        print(run_demo(tokens=getattr(args, "tokens", 2048), repeats=getattr(args, "repeats", 20)))
+    options = {flag: getattr(args, flag) for flag in (*FAMILY_FLAGS, "factors") if getattr(args, flag) is not None}
+    name, mode = args.structure, args.mode
+    targets = args.targets.split(",") if args.targets else None
+    if args.config is not None:
+        name, mode, targets, options = config_method(args.config, options)
+    return MethodChoice(name, targets=targets, mode=mode, options=options)
+
+
+def config_method(path: Path, overrides: dict[str, Any]) -> tuple[str, str, Optional[list[str]], dict[str, Any]]:
+    """Method settings from a surm adapter_config.json; flags given on the command line win."""
+    if not path.is_file():
+        raise ValueError(f"--config {path} is not a file")
+    data = json.loads(path.read_text())
+    if data.get("peft_type") != "SURM":
+        raise ValueError(f"--config {path} is not a surm adapter config (peft_type={data.get('peft_type')!r})")
+    options = {k: data[k] for k in ("rank", "nblocks", "block_rank", "factors", "terms", "displacement_rank",
+                                    "parameterization", "alpha", "dropout", "bottleneck") if data.get(k) is not None}
+    options.update(overrides)
+    targets = sorted(data["target_modules"]) if isinstance(data.get("target_modules"), list) else data.get("target_modules")
+    return data["structure"], data.get("mode", "delta"), targets, options
+
+
+def run_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs = {k: getattr(args, k) for k in ("model", "dataset", "text_column", "text_pair_column", "label_column",
+                                            "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_length",
+                                            "train_size", "eval_size", "device")}
+    if args.head_lr is not None:
+        kwargs["head_lr"] = args.head_lr
+    return kwargs
+
+
+def forwarded_run_flags(args: argparse.Namespace) -> list[str]:
+    """compare's shared flags as finetune arguments."""
+    defaults = vars(build_parser().parse_args(["finetune", "--output", "-"]))
+    flags = []
+    for key, value in run_config_kwargs(args).items():
+        if value is not None and value != defaults.get(key):
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv or ["compare", "--quick"])
+    try:
+        if args.command == "finetune":
+            from .trainer import RunConfig, finetune
+
+            config = RunConfig(method=method_choice(args), output=args.output, seed=args.seed, resume=args.resume,
+                               checkpoint_every=args.checkpoint_every, **run_config_kwargs(args))
+            results = finetune(config)
+            print(json.dumps({k: results[k] for k in ("method", "trainable_params", "test_accuracy", "test_macro_f1",
+                                                      "train_seconds")}, indent=2))
+        elif args.command == "compare":
+            run_compare(args, quick=args.quick or not argv)
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            print(run_demo(tokens=args.tokens, repeats=args.repeats))
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"surm {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def run_compare(args: argparse.Namespace, quick: bool) -> None:
+    from .compare import QUICK_METHODS, QUICK_RUN_ARGS, compare, parse_methods
+
+    specs = parse_methods(args.methods or ",".join(QUICK_METHODS))
+    common = forwarded_run_flags(args)
+    if quick:
+        common = [*QUICK_RUN_ARGS, *common]
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    title = (f"surm compare: model {args.model}, dataset {args.dataset}, {args.seeds} seed(s), "
+             f"finetune {' '.join(common) or '(defaults)'}")
+    print(compare(specs, list(range(args.seeds)), args.output, common, title))
+    print(f"written: {args.output / 'comparison.md'}, {args.output / 'comparison.json'}, {args.output / 'frontier.png'}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Union
@@ -20,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..atomic import atomic_directory
 from .layer import SurmLayer
 
 Rank = Union[int, str]
@@ -142,17 +141,9 @@ def export_lora(
         bias="none",
     )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         lora_config.save_pretrained(staging)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, staging / "adapter_model.safetensors",
-                  metadata={"format": "pt"})
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
         (staging / "export_report.json").write_text(json.dumps([asdict(r) for r in report], indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report

