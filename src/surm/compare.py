@@ -40,19 +40,30 @@ class MethodSpec:
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
-    """``"lora,circulant,monarch:adapter"`` -> specs; ``name:adapter`` selects the adapter mode.
+    """Parse ``--methods``: comma-separated ``name[:adapter][+flag=value...]`` items.
+
+    ``monarch:adapter`` selects the adapter mode; ``+flag=value`` passes ``--flag value`` to that method's
+    ``surm finetune`` (e.g. ``circulant+parameterization=product``, ``monarch+nblocks=8+block-rank=2``,
+    ``lora+lr=3e-4``).
 
     Raises:
-        ValueError: for an unknown method or mode, naming the valid ones.
+        ValueError: for an unknown method or mode, or a malformed option, naming the valid forms.
     """
     specs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, mode = item.partition(":")
+        head, *extras = item.split("+")
+        name, _, mode = head.partition(":")
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r} in --methods; valid methods: {', '.join(METHODS)}")
         if mode not in ("", "delta", "adapter"):
             raise ValueError(f"unknown mode {mode!r} in --methods item {item!r}; use name or name:adapter")
-        specs.append(MethodSpec(name, mode or "delta"))
+        args = []
+        for extra in extras:
+            flag, equals, value = extra.partition("=")
+            if not equals or not flag or not value:
+                raise ValueError(f"malformed option {extra!r} in --methods item {item!r}; use +flag=value")
+            args += [f"--{flag.replace('_', '-')}", value]
+        specs.append(MethodSpec(name, mode or "delta", args))
     if not specs:
         raise ValueError("--methods is empty")
     return specs

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
@@ -25,7 +25,7 @@ class ImageExample:
     label: int
 
 
-Example = Union[TextExample, ImageExample]
+Example = TextExample | ImageExample
 SPLIT_NAMES = ("train", "validation", "test")
 
 

@@ -1,0 +1,51 @@
+"""Classification metrics with numpy only."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+def _pair(preds: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    p, y = np.asarray(preds).reshape(-1).astype(np.int64), np.asarray(labels).reshape(-1).astype(np.int64)
+    if p.shape != y.shape:
+        raise ValueError(f"preds and labels differ in length: {p.size} vs {y.size}")
+    if p.size == 0:
+        raise ValueError("cannot score an empty set of predictions")
+    return p, y
+
+
+def accuracy(preds: ArrayLike, labels: ArrayLike) -> float:
+    """The fraction of predictions equal to the labels."""
+    p, y = _pair(preds, labels)
+    return float(np.mean(p == y))
+
+
+def macro_f1(preds: ArrayLike, labels: ArrayLike, num_labels: int) -> float:
+    """The unweighted mean of per-class F1 over the classes that occur in ``labels`` or ``preds``.
+
+    Matches ``sklearn.metrics.f1_score(labels, preds, average="macro")``: a class that occurs only in the
+    predictions scores 0, a class absent from both is left out. ``num_labels`` bounds the class indices.
+    """
+    p, y = _pair(preds, labels)
+    if min(p.min(), y.min()) < 0 or max(p.max(), y.max()) >= num_labels:
+        raise ValueError(f"class indices must lie in [0, {num_labels})")
+    tp = np.bincount(y[p == y], minlength=num_labels)
+    predicted = np.bincount(p, minlength=num_labels)
+    actual = np.bincount(y, minlength=num_labels)
+    present = (predicted + actual) > 0
+    f1 = 2 * tp[present] / (predicted[present] + actual[present])
+    return float(f1.mean())
+
+
+def is_imbalanced(labels: ArrayLike, num_labels: int | None = None, ratio: float = 0.5) -> bool:
+    """Whether the rarest class is below ``ratio`` times its uniform share ``1 / num_labels``.
+
+    With the default ratio 0.5 a binary task is imbalanced when its minority class is under 25%; then report
+    macro-F1 next to accuracy. ``num_labels`` defaults to the largest index + 1 (absent classes count as 0).
+    """
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    if y.size == 0:
+        raise ValueError("cannot judge the balance of an empty label set")
+    counts = np.bincount(y, minlength=num_labels or 0)
+    return bool(counts.min() / y.size < ratio / counts.size)
