@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...)")
     compare.add_argument("--output", type=Path, default=Path("runs/compare"))
     compare.add_argument("--quick", action="store_true", help="the main job's preset (default when no flag is given)")
+    compare.add_argument("--jobs", type=int, default=1, help="runs at the same time (GPU); 1 keeps times comparable")
 
     demo = commands.add_parser("demo", help="every family on real layer shapes: parameters and apply time")
     demo.add_argument("--tokens", type=int, default=2048)
@@ -163,8 +164,13 @@ def run_compare(args: argparse.Namespace, quick: bool) -> None:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     title = (f"surm compare: model {args.model}, dataset {args.dataset}, {args.seeds} seed(s), "
              f"finetune {' '.join(common) or '(defaults)'}")
-    print(compare(specs, list(range(args.seeds)), args.output, common, title))
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    table, failed = compare(specs, list(range(args.seeds)), args.output, common, title, jobs=args.jobs)
+    print(table)
     print(f"written: {args.output / 'comparison.md'}, {args.output / 'comparison.json'}, {args.output / 'frontier.png'}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import textwrap
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from . import atomic
 from .methods import METHODS
@@ -69,8 +71,8 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return specs
 
 
-def run_one(spec: MethodSpec, seed: int, output: Path, common: list[str]) -> dict[str, Any]:
-    """Run (or reuse) one ``surm finetune`` and return its results."""
+def run_one(spec: MethodSpec, seed: int, output: Path, common: list[str]) -> Optional[dict[str, Any]]:
+    """Run (or reuse) one ``surm finetune`` and return its results, or None if it failed (e.g. diverged)."""
     results = output / "results.json"
     if results.exists():
         return json.loads(results.read_text())
@@ -81,7 +83,8 @@ def run_one(spec: MethodSpec, seed: int, output: Path, common: list[str]) -> dic
     print(f"[compare] {spec.key} seed {seed}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
     completed = subprocess.run(command, env=os.environ.copy())
     if completed.returncode != 0:
-        raise RuntimeError(f"surm finetune failed for {spec.key} seed {seed} (exit {completed.returncode}); see {output}")
+        print(f"[compare] FAILED: {spec.key} seed {seed} (exit {completed.returncode}); see {output}", file=sys.stderr)
+        return None
     return json.loads(results.read_text())
 
 
@@ -90,6 +93,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for key, results in runs.items():
         accuracies = [r["test_accuracy"] for r in results]
+        validation = [r["validation_history"][-1]["accuracy"] for r in results]
         f1s = [r["test_macro_f1"] for r in results]
         rows.append({
             "method": key,
@@ -99,6 +103,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "seeds": [r["seed"] for r in results],
             "accuracy_mean": statistics.fmean(accuracies),
             "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "validation_accuracy_mean": statistics.fmean(validation),
             "macro_f1_mean": statistics.fmean(f1s),
             "macro_f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
             "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in results),
@@ -138,22 +143,42 @@ def frontier_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters (log scale, classifier head included)")
     axes.set_ylabel("test accuracy (%)")
-    axes.set_title(title)
+    axes.set_title(textwrap.fill(title, 90), fontsize=9)
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     atomic.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
     plt.close(figure)
 
 
-def compare(specs: list[MethodSpec], seeds: list[int], output: Path, common: list[str], title: str) -> str:
-    """Run every (method, seed), then write comparison.md, comparison.json and frontier.png; return the table."""
+def compare(
+    specs: list[MethodSpec], seeds: list[int], output: Path, common: list[str], title: str, jobs: int = 1
+) -> tuple[str, list[str]]:
+    """Run every (method, seed), then write comparison.md, comparison.json and frontier.png.
+
+    ``jobs`` runs go at the same time (useful on a GPU; train times are then not comparable between methods).
+    Returns the table and the list of failed runs (which are left out of the table and listed under it).
+    """
     output.mkdir(parents=True, exist_ok=True)
+    tasks = [(spec, seed) for spec in specs for seed in seeds]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        finished = list(pool.map(
+            lambda task: run_one(task[0], task[1], output / "runs" / task[0].key / f"seed{task[1]}", common), tasks))
     runs: dict[str, list[dict[str, Any]]] = {}
-    for spec in specs:
-        runs[spec.key] = [run_one(spec, seed, output / "runs" / spec.key / f"seed{seed}", common) for seed in seeds]
+    failed = []
+    for (spec, seed), result in zip(tasks, finished):
+        if result is None:
+            failed.append(f"{spec.key} seed {seed}")
+        else:
+            runs.setdefault(spec.key, []).append(result)
     rows = summarise(runs)
     table = markdown_table(rows, title)
+    if failed:
+        table += "\nFailed runs (diverged or errored; see their train.log): " + ", ".join(failed) + "\n"
+    if jobs > 1:
+        table += f"\n{jobs} runs shared the machine at a time: train times are not comparable across methods.\n"
     atomic.write_text(output / "comparison.md", table)
-    atomic.write_json(output / "comparison.json", {"title": title, "common_args": common, "seeds": seeds, "rows": rows})
-    frontier_plot(rows, output / "frontier.png", title)
-    return table
+    atomic.write_json(output / "comparison.json",
+                      {"title": title, "common_args": common, "seeds": seeds, "rows": rows, "failed": failed})
+    if rows:
+        frontier_plot(rows, output / "frontier.png", title)
+    return table, failed

@@ -19,18 +19,18 @@ METHODS = (*STRUCTURES, *PEFT_BASELINES, "full")
 
 #: Learning rates per method for AdamW (see docs/sweep.md for how they were chosen).
 DEFAULT_LEARNING_RATES: dict[str, float] = {
-    "full": 5e-5,
+    "full": 1e-4,
     "lora": 1e-3,
     "c3a": 1e-1,
-    "lokr": 1e-3,
-    "boft": 3e-3,
-    "lowrank": 1e-3,
-    "circulant": 1e-2,
-    "toeplitz": 1e-2,
-    "symmetric_toeplitz": 1e-2,
-    "kronecker": 3e-3,
-    "ldr": 1e-2,
-    "monarch": 3e-3,
+    "lokr": 3e-3,
+    "boft": 1e-2,
+    "lowrank": 3e-3,
+    "circulant": 3e-3,
+    "toeplitz": 1e-3,
+    "symmetric_toeplitz": 3e-3,
+    "kronecker": 1e-2,
+    "ldr": 3e-3,
+    "monarch": 1e-2,
 }
 #: Learning rate of the classifier head (trained by every method); None means the method's own.
 HEAD_LEARNING_RATE = 1e-3
@@ -71,13 +71,16 @@ def default_targets(mode: str) -> list[str]:
     return ["query", "value"] if mode == "delta" else ["output.dense"]
 
 
-def build_peft_config(choice: MethodChoice, task_type: Optional[str], head: list[str]) -> Optional[PeftConfig]:
+def build_peft_config(choice: MethodChoice, task_type: Optional[str], head: list[str],
+                      model_targets: Optional[list[str]] = None) -> Optional[PeftConfig]:
     """The PEFT config for ``choice``; None for full fine-tuning.
 
     Args:
         choice: the method and its options.
         task_type: PEFT's task type (``"SEQ_CLS"`` for Transformers classifiers) or None for plain modules.
         head: modules trained and saved besides the adapters (the classifier), used when task_type is None.
+        model_targets: the model's own default targets (e.g. an image model's 1x1 convolutions), used when
+            ``choice.targets`` is None; None falls back to :func:`default_targets` (BERT-family names).
 
     Raises:
         ValueError: for an option that does not apply to the method (naming the valid ones).
@@ -86,7 +89,7 @@ def build_peft_config(choice: MethodChoice, task_type: Optional[str], head: list
         if choice.options:
             raise ValueError(f"full fine-tuning takes no method options, got {sorted(choice.options)}")
         return None
-    targets = choice.targets or default_targets(choice.mode)
+    targets = choice.targets or model_targets or default_targets(choice.mode)
     common: dict[str, Any] = {"target_modules": targets, "task_type": task_type}
     if task_type is None:
         common["modules_to_save"] = head

@@ -26,7 +26,8 @@ class LoadedModel:
 
     ``model(**batch)`` returns logits (or an output with ``.logits``) for ``batch = collate(examples)`` minus its
     ``labels``; ``task_type`` is PEFT's task type (None for plain modules); ``head`` names the freshly initialised
-    classifier modules that every method trains.
+    classifier modules that every method trains; ``default_targets`` are the modules adapted when the user names
+    none (None: the BERT-family defaults of ``methods.default_targets``).
     """
 
     name: str
@@ -35,6 +36,7 @@ class LoadedModel:
     task_type: Optional[str]
     head: list[str]
     source: str
+    default_targets: Optional[list[str]] = None
 
 
 def minilm_path() -> str:
@@ -92,6 +94,8 @@ def load_text_classifier(name: str, num_labels: int, max_length: int = 64) -> Lo
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    # Transformers 5 loads in the checkpoint's dtype; training here is in float32 whatever the file holds.
+    model = model.to(torch.float32)
     head = [n for n in ("classifier", "score") if hasattr(model, n)]
     return LoadedModel(name, model, text_collate(tokenizer, max_length), "SEQ_CLS", head, source)
 
@@ -102,8 +106,13 @@ def load_model(name: str, data: DatasetSplits, max_length: int = 64) -> LoadedMo
     Raises:
         ValueError: if the model cannot be loaded or does not fit the data's kind.
     """
-    if data.kind == "image":
-        from .vision import load_image_classifier
+    from .vision import IMAGE_MODELS, load_image_classifier
 
+    if data.kind == "image":
         return load_image_classifier(name, data)
+    if name in IMAGE_MODELS:
+        raise ValueError(
+            f"model {name!r} is an image model but dataset {data.name!r} holds text; use a text model (an alias: "
+            f"{', '.join(TEXT_MODEL_ALIASES)}, a local folder or a Hugging Face id)"
+        )
     return load_text_classifier(name, data.num_labels, max_length)

@@ -182,7 +182,8 @@ class Run:
         self.test_examples = subset(self.data.test, config.eval_size, config.seed)
         torch.manual_seed(config.seed)  # the classifier head and adapter inits depend on the seed only
         self.loaded: LoadedModel = load_model(config.model, self.data, config.max_length)
-        self.peft_config = build_peft_config(config.method, self.loaded.task_type, self.loaded.head)
+        self.peft_config = build_peft_config(config.method, self.loaded.task_type, self.loaded.head,
+                                             self.loaded.default_targets)
         self.model = self._wrap(self.loaded.model).to(self.device)
 
     # -- set-up --------------------------------------------------------------------------------------------
@@ -310,6 +311,11 @@ class Run:
             for index in range(state["step_in_epoch"], len(batches)):
                 start = time.perf_counter()
                 loss = self._step(model, batches[index], optimizer, scheduler)
+                if not math.isfinite(loss):
+                    raise RuntimeError(
+                        f"training diverged: non-finite loss {loss} at step {state['global_step'] + 1} with lr "
+                        f"{config.learning_rate:g}; try a smaller --lr"
+                    )
                 state["train_seconds"] += time.perf_counter() - start
                 state["samples"] += len(batches[index])
                 state["global_step"] += 1
