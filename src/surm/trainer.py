@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from .models import LoadedModel, load_model
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 LOG = "train.log"
+#: ``on_epoch(epoch, validation_metrics)``, called after each epoch (see :meth:`Run.execute`).
+EpochCallback = Callable[[int, dict[str, float]], None]
 log = logging.getLogger("surm")
 # PEFT calls this deprecated transformers property while wrapping a model; the warning is not actionable here.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -274,7 +276,13 @@ class Run:
 
     # -- training --------------------------------------------------------------------------------------------
 
-    def execute(self) -> dict[str, Any]:
+    def execute(self, on_epoch: Optional[EpochCallback] = None) -> dict[str, Any]:
+        """Train, evaluate and write the outputs; returns the results.
+
+        ``on_epoch(epoch, validation_metrics)`` is called on every process after each epoch's checkpoint (epoch
+        counts from 1; the metrics are the gathered ones, the same everywhere); an exception it raises stops the
+        run there, before the test split is touched (``surm search`` prunes trials this way).
+        """
         config, topology = self.config, self.topology
         if topology.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
@@ -333,6 +341,8 @@ class Run:
             state["epoch"] += 1
             state["step_in_epoch"] = 0
             self._save_checkpoint({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+            if on_epoch is not None:
+                on_epoch(state["epoch"], metrics)
         test = self.evaluate(self.test_examples)
         results = self._results(state, test, trainable_params)
         if topology.is_main:
@@ -416,6 +426,9 @@ class Run:
         log.propagate = False
 
 
-def finetune(config: RunConfig) -> dict[str, Any]:
-    """Run one fine-tuning job and return its results (also written to ``config.output / "results.json"``)."""
-    return Run(config).execute()
+def finetune(config: RunConfig, on_epoch: Optional[EpochCallback] = None) -> dict[str, Any]:
+    """Run one fine-tuning job and return its results (also written to ``config.output / "results.json"``).
+
+    ``on_epoch``: see :meth:`Run.execute`.
+    """
+    return Run(config).execute(on_epoch)
