@@ -86,7 +86,8 @@ class SurmConfig(PeftConfig):
         default_factory=dict,
         metadata={
             "help": "Per-module overrides, like PEFT's rank_pattern: regex matched against the end of the module "
-            f"name -> dict of {list(OVERRIDABLE)}, e.g. {{'value': {{'structure': 'monarch', 'nblocks': 2}}}}."
+            f"name -> dict of {list(OVERRIDABLE)}, e.g. {{'value': {{'structure': 'monarch', 'nblocks': 2}}}}. An entry "
+            "that changes the structure does not inherit the config's family options."
         },
     )
 
@@ -115,7 +116,7 @@ class SurmConfig(PeftConfig):
             raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
         if not isinstance(self.override_pattern, dict):
             raise ValueError(f"override_pattern must be a dict, got {type(self.override_pattern).__name__}")
-        self.resolve("")  # validates the defaults
+        self._check_settings(self._base_settings(), "SurmConfig")  # the defaults, before any pattern is matched
         for pattern, overrides in self.override_pattern.items():
             try:
                 re.compile(pattern)
@@ -126,21 +127,40 @@ class SurmConfig(PeftConfig):
             unknown = sorted(set(overrides) - set(OVERRIDABLE))
             if unknown:
                 raise ValueError(f"override_pattern[{pattern!r}] has unknown key(s) {unknown}; valid: {list(OVERRIDABLE)}")
-            self._check_settings({**self._base_settings(), **overrides}, f"override_pattern[{pattern!r}]")
+            if overrides.get("bottleneck") is not None and self.mode != "adapter":
+                raise ValueError(
+                    f"override_pattern[{pattern!r}] sets bottleneck={overrides['bottleneck']!r}, which needs "
+                    f"mode='adapter', got mode={self.mode!r}"
+                )
+            self._check_settings(self._overridden_settings(overrides), f"override_pattern[{pattern!r}]")
 
     def _base_settings(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in OVERRIDABLE}
 
+    def _overridden_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The config's settings updated by one ``override_pattern`` entry.
+
+        An entry that switches to another family inherits none of the config's family options: they describe the
+        config's family (``rank`` of ``lowrank`` is not ``rank`` of ``kronecker``), so only the entry's own apply.
+        """
+        settings = self._base_settings()
+        if overrides.get("structure", self.structure) != self.structure:
+            settings.update(dict.fromkeys(FAMILY_OPTION_FIELDS))
+        settings.update(overrides)
+        return settings
+
     def resolve(self, module_name: str) -> dict[str, Any]:
         """The settings for one module: the config's, updated by the first matching ``override_pattern`` entry.
+
+        Patterns match whole trailing name segments (``"up"`` matches ``"encoder.layers.0.up"``, not ``"...setup"``).
 
         Returns a dict with ``structure``, ``options`` (the family keyword arguments that are set), ``alpha`` and
         ``bottleneck``.
         """
         settings = self._base_settings()
         for pattern, overrides in self.override_pattern.items():
-            if re.fullmatch(rf"(.*\.)?{pattern}", module_name):
-                settings.update(overrides)
+            if re.fullmatch(rf"(.*\.)?(?:{pattern})", module_name):
+                settings = self._overridden_settings(overrides)
                 break
         return self._check_settings(settings, "SurmConfig")
 

@@ -118,20 +118,22 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             if name in self.surm_adapter:
                 self.get_delta_weight(name)  # raises NotMergeableError with the explanation
         base = self.get_base_layer()
-        for name in adapter_names:
-            if name not in self.surm_delta:
-                continue
-            delta = self.get_delta_weight(name)
+        names = [name for name in adapter_names if name in self.surm_delta]
+        deltas = [self.get_delta_weight(name) for name in names]
+        for name, delta in zip(names, deltas):
             if not torch.isfinite(delta).all():
                 raise ValueError(f"adapter {name!r} has non-finite values in its weight delta; refusing to merge it")
-            if safe_merge:
-                merged = base.weight.data + delta
+        if safe_merge:
+            merged = base.weight.data.clone()
+            for name, delta in zip(names, deltas):
+                merged += delta
                 if not torch.isfinite(merged).all():
                     raise ValueError(f"merging adapter {name!r} gives non-finite weights; refusing to merge it")
-                base.weight.data = merged
-            else:
+            base.weight.data = merged
+        else:
+            for delta in deltas:
                 base.weight.data += delta
-            self.merged_adapters.append(name)
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Subtract every merged delta adapter from the base weight again (restores W0 to float rounding)."""
@@ -170,12 +172,12 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         active = self.active_adapters
-        if not self.merged:
-            deltas = [self.surm_delta[name] for name in active if name in self.surm_delta]
-            if deltas:
-                rows = self._delta_input(x)
-                update = sum(delta(rows) for delta in deltas)
-                result = result + self._channels_back(update).to(result.dtype)
+        # Merged deltas are already in the base weight; the other active ones still apply (after a partial merge).
+        deltas = [self.surm_delta[n] for n in active if n in self.surm_delta and n not in self.merged_adapters]
+        if deltas:
+            rows = self._delta_input(x)
+            update = sum(delta(rows) for delta in deltas)
+            result = result + self._channels_back(update).to(result.dtype)
         adapters = [self.surm_adapter[name] for name in active if name in self.surm_adapter]
         if adapters:
             h = self._channels_last(result)
