@@ -1,6 +1,15 @@
-"""FFT building blocks shared by the circulant, Toeplitz and LDR families."""
+"""FFT building blocks shared by the circulant, Toeplitz and LDR families, and their dense forms.
+
+The convolution has its own autograd (:class:`CircularConvolution`): it saves the input x (often shared with other
+adapters of the same layer input, e.g. query and value) and the kernel's small spectrum, and recomputes the
+input's FFT in backward, instead of keeping a complex spectrum per adapter as plain autograd would. Its backward
+is three real FFTs (the gradient's, one inverse for the input gradient, the input's for the kernel gradient)
+where plain autograd's backward of ``rfft`` goes through a full-length complex FFT.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -19,35 +28,91 @@ def fast_fft_length(minimum: int) -> int:
         n += 1
 
 
+def fft_work(length: int) -> float:
+    """The work of one real FFT of ``length`` points in the cost model's unit: length * log2(length)."""
+    return length * math.log2(max(length, 2))
+
+
+class CircularConvolution(torch.autograd.Function):
+    """``irfft(rfft(kernel, L) * rfft(x, L), L)`` with a backward that saves x, not its spectrum.
+
+    Forward: y = circ_L(kernel) pad_L(x), shape broadcast(kernel, x)[..., L].
+    Backward, with G = rfft(grad): grad_x = irfft(G * conj(K))[..., :n] (the transpose of a circulant is the
+    circulant of the reversed kernel: a correlation), grad_kernel = irfft(sum_batch G * conj(rfft(x)))[..., :k].
+    Both are exact (real circular correlations), so this matches plain autograd to rounding; it is differentiable
+    again (double backward goes through the ops of ``backward``).
+    """
+
+    @staticmethod
+    def forward(kernel: Tensor, x: Tensor, length: int) -> Tensor:  # type: ignore[override]
+        spectrum = torch.fft.rfft(kernel, n=length)
+        return torch.fft.irfft(spectrum * torch.fft.rfft(x, n=length), n=length)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        kernel, x, length = inputs
+        ctx.save_for_backward(kernel, x)
+        ctx.length = length
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        kernel, x = ctx.saved_tensors
+        length = ctx.length
+        grad_hat = torch.fft.rfft(grad, n=length)
+        grad_kernel = grad_x = None
+        if ctx.needs_input_grad[1]:
+            kernel_hat = torch.fft.rfft(kernel, n=length)
+            full = torch.fft.irfft(grad_hat * kernel_hat.conj(), n=length)[..., : x.shape[-1]]
+            grad_x = full.sum_to_size(x.shape) if full.shape != x.shape else full
+        if ctx.needs_input_grad[0]:
+            products = grad_hat * torch.fft.rfft(x, n=length).conj()
+            spectrum_shape = (*kernel.shape[:-1], length // 2 + 1)
+            if products.shape != spectrum_shape:
+                products = products.sum_to_size(spectrum_shape)
+            grad_kernel = torch.fft.irfft(products, n=length)[..., : kernel.shape[-1]]
+        return grad_kernel, grad_x, None
+
+
 def circular_convolution(kernel: Tensor, x: Tensor, length: int) -> Tensor:
     """Return circ(kernel) @ x over the last dimension, both zero-padded to ``length``.
 
     ``circ(c)_{ij} = c_{(i-j) mod length}``, applied as ``irfft(rfft(c) * rfft(x))``. ``kernel`` has shape
     (..., k) with k <= length and broadcasts against ``x`` (..., n), n <= length; the result has
     ``length`` entries in its last dimension (the caller truncates it). ``n=length`` is passed to irfft,
-    so odd lengths keep their last entry.
+    so odd lengths keep their last entry. Gradients: see :class:`CircularConvolution`.
     """
-    spectrum = torch.fft.rfft(kernel, n=length) * torch.fft.rfft(x, n=length)
-    return torch.fft.irfft(spectrum, n=length)
+    return CircularConvolution.apply(kernel, x, length)
 
 
-def circulant_dense(column: Tensor, rows: int, cols: int) -> Tensor:
-    """The top-left (rows, cols) block of circ(column): entry (i, j) is column[(i - j) mod len(column)]."""
-    length = column.shape[-1]
-    i = torch.arange(rows, device=column.device).unsqueeze(1)
-    j = torch.arange(cols, device=column.device).unsqueeze(0)
-    return column[..., (i - j) % length]
+def circular_convolution_work(tokens: int, length: int, backward: bool) -> tuple[float, float]:
+    """(FFT work, elementwise work) of :func:`circular_convolution` on ``tokens`` rows, in the cost model's units.
+
+    Forward: rfft(x) and irfft (the kernel's spectrum is negligible); backward: rfft(grad), irfft for the input
+    gradient and rfft(x) again for the kernel gradient.
+    """
+    transforms = 5 if backward else 2
+    elementwise = (3 if backward else 1) * tokens * (length // 2 + 1) * 2  # complex products, in real numbers
+    return transforms * tokens * fft_work(length), float(elementwise)
 
 
 def toeplitz_dense(diagonals: Tensor, rows: int, cols: int) -> Tensor:
     """The (rows, cols) Toeplitz matrix T with T_ij = t_{i-j}, where ``diagonals[k + cols - 1] = t_k``.
 
     ``diagonals`` holds rows + cols - 1 values, from t_{-(cols-1)} (top-right corner) to t_{rows-1}
-    (bottom-left corner).
+    (bottom-left corner). Built as a sliding window (``unfold``, a view) flipped along the columns: one copy
+    forward, and backward sums the gradient along the diagonals without index scatter.
     """
-    i = torch.arange(rows, device=diagonals.device).unsqueeze(1)
-    j = torch.arange(cols, device=diagonals.device).unsqueeze(0)
-    return diagonals[..., i - j + cols - 1]
+    return diagonals.unfold(-1, cols, 1).flip(-1)
+
+
+def circulant_dense(column: Tensor, rows: int, cols: int) -> Tensor:
+    """The top-left (rows, cols) block of circ(column): entry (i, j) is column[(i - j) mod len(column)].
+
+    That block is Toeplitz with t_d = column[d mod N] for d in [-(cols-1), rows-1] (cols, rows <= N).
+    """
+    length = column.shape[-1]
+    diagonals = torch.cat([column[..., length - cols + 1 :], column[..., :rows]], dim=-1)
+    return toeplitz_dense(diagonals, rows, cols)
 
 
 def toeplitz_to_circulant_column(diagonals: Tensor, rows: int, cols: int, length: int) -> Tensor:
@@ -63,9 +128,14 @@ def toeplitz_to_circulant_column(diagonals: Tensor, rows: int, cols: int, length
     return torch.cat([nonnegative, gap, negative], dim=-1)
 
 
+def toeplitz_length(rows: int, cols: int) -> int:
+    """The circulant size a (rows, cols) Toeplitz matrix is embedded in: the next 5-smooth size >= rows + cols - 1."""
+    return fast_fft_length(rows + cols - 1)
+
+
 def apply_toeplitz(diagonals: Tensor, x: Tensor, rows: int, cols: int) -> Tensor:
     """T @ x over the last dimension of x (..., cols) -> (..., rows), by embedding T in a circulant."""
-    length = fast_fft_length(rows + cols - 1)
+    length = toeplitz_length(rows, cols)
     column = toeplitz_to_circulant_column(diagonals, rows, cols, length)
     return circular_convolution(column, x, length)[..., :rows]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -13,6 +14,34 @@ Init = Literal["zero", "random"]
 INITS: tuple[str, ...] = ("zero", "random")
 
 
+@dataclass(frozen=True)
+class Cost:
+    """The work of an operation, by kind, in the units of the execution cost model (:mod:`surm.execution`).
+
+    Each kind runs at its own rate on a device (large products near peak, FFTs and elementwise passes limited by
+    memory), so they are counted apart and weighted by measured rates.
+
+    Attributes:
+        gemm: floating-point operations in large matrix products (every dimension in the tens or more).
+        small_gemm: floating-point operations in thin or batched small products (a dimension below ~32).
+        fft: real-FFT work, length * log2(length) per transform of one row (a complex transform counts twice).
+        elementwise: numbers written by elementwise passes (products, sums, copies, pads).
+    """
+
+    gemm: float = 0.0
+    small_gemm: float = 0.0
+    fft: float = 0.0
+    elementwise: float = 0.0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def __mul__(self, factor: float) -> Cost:
+        return Cost(*(getattr(self, f.name) * factor for f in fields(self)))
+
+    __rmul__ = __mul__
+
+
 class StructuredMatrix(nn.Module, ABC):
     """A trainable matrix M of shape (out_features, in_features) with a structured parameterisation.
 
@@ -20,7 +49,9 @@ class StructuredMatrix(nn.Module, ABC):
 
     * :meth:`forward` -- the fast apply ``y = M x`` over the last dimension of ``x``, never building M;
     * :meth:`dense` -- M itself, for merging, testing and export;
-    * :meth:`num_parameters` -- the closed-form count of trainable numbers.
+    * :meth:`num_parameters` -- the closed-form count of trainable numbers;
+    * :meth:`structured_cost` and :meth:`dense_cost` -- the work of the two execution paths (forward, and
+      backward when training), from which :mod:`surm.execution` picks one per layer.
 
     Args:
         out_features: m, the number of rows of M.
@@ -55,6 +86,14 @@ class StructuredMatrix(nn.Module, ABC):
     @abstractmethod
     def num_parameters(self) -> int:
         """Return the number of trainable numbers, computed from the closed formula of the family."""
+
+    @abstractmethod
+    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+        """The work of ``forward`` on ``tokens`` rows, plus its backward (input and parameter gradients) if asked."""
+
+    @abstractmethod
+    def dense_cost(self, backward: bool) -> Cost:
+        """The work of ``dense()``, plus mapping a gradient of the dense matrix back onto the parameters if asked."""
 
     @abstractmethod
     def reset_parameters(self) -> None:

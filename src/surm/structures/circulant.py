@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._fft import circulant_dense, circular_convolution
-from .base import Init, StructuredMatrix, compute_dtype
+from ._fft import circulant_dense, circular_convolution, circular_convolution_work
+from .base import Cost, Init, StructuredMatrix, compute_dtype
 
 CirculantParameterization = Literal["plain", "product"]
 
@@ -80,6 +80,13 @@ class Circulant(StructuredMatrix):
 
     def num_parameters(self) -> int:
         return self.size * (2 if self.parameterization == "product" else 1)
+
+    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+        fft, elementwise = circular_convolution_work(tokens, self.size, backward)
+        return Cost(fft=fft, elementwise=elementwise + tokens * self.out_features)
+
+    def dense_cost(self, backward: bool) -> Cost:
+        return Cost(elementwise=(2 if backward else 1) * self.out_features * self.in_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, parameterization={self.parameterization!r}"

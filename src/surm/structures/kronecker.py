@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Init, StructuredMatrix, compute_dtype, kaiming_uniform_
+from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_
 from .options import divisor_nearest_sqrt, divisors, require_positive_int
 
 
@@ -104,11 +104,23 @@ class Kronecker(StructuredMatrix):
         return y.reshape(*lead, m1 * m2).to(x.dtype)
 
     def dense(self) -> Tensor:
-        return torch.stack([torch.kron(a, b) for a, b in zip(self.first, self.second)]).sum(dim=0)
+        # kron(A, B)[a m2 + b, c n2 + d] = A[a, c] B[b, d], summed over the K terms in the same contraction.
+        (m1, n1), (m2, n2) = self.factors, self.second_shape
+        return torch.einsum("kac,kbd->abcd", self.first, self.second).reshape(m1 * m2, n1 * n2)
 
     def num_parameters(self) -> int:
         (m1, n1), (m2, n2) = self.factors, self.second_shape
         return self.terms * (m1 * n1 + m2 * n2)
+
+    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+        (m1, n1), (m2, n2) = self.factors, self.second_shape
+        flops = 2 * tokens * self.terms * (n1 * n2 * m2 + m1 * n1 * m2)  # X B_k^T, then A_k (X B_k^T)
+        copies = tokens * self.terms * n1 * m2 + tokens * m1 * m2
+        return Cost(small_gemm=(3 if backward else 1) * flops, elementwise=(2 if backward else 1) * copies)
+
+    def dense_cost(self, backward: bool) -> Cost:
+        flops = 2 * self.terms * self.out_features * self.in_features
+        return Cost(small_gemm=(3 if backward else 1) * flops)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, factors={self.factors}, second={self.second_shape}, terms={self.terms}"

@@ -6,10 +6,9 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from ._fft import circulant_dense
-from .base import Init, StructuredMatrix, compute_dtype
+from ._fft import circular_convolution, circular_convolution_work, fast_fft_length, toeplitz_dense
+from .base import Cost, Init, StructuredMatrix, compute_dtype
 from .options import require_positive_int
 
 #: Standard deviation of the skew-circulant vectors in the SURM code's init.
@@ -34,9 +33,10 @@ class LowDisplacementRank(StructuredMatrix):
     rank(Z_1 T - T Z_{-1}) <= 1, so the N x N sum has displacement rank at most r. x is zero-padded to N
     and the output truncated to m, as for :class:`~surm.structures.circulant.Circulant`.
 
-    Fast apply, O(r N log N): ``Z_{-1}(s) = D^{-1} Z_1(D s) D`` with ``D = diag(ω^k)``, ω = e^{iπ/N}
-    (ω^N = -1), so each skew-circulant product is a complex FFT convolution between diagonal scalings;
-    the r results are then convolved with their c_i and summed in the frequency domain.
+    Fast apply, O(r N log N), in real FFTs only: Z_{-1}(s) x is the negacyclic convolution of s and x, i.e. the
+    linear convolution z = s * x (a circular one of length L >= 2N, so nothing wraps) folded with a sign,
+    ``z[:N] - z[N:2N]`` (the same product as ``D^{-1} Z_1(D s) D x`` with D = diag(ω^k), ω = e^{iπ/N}, without
+    complex scalings); each result is then convolved circularly with its c_i (length N) and the r terms summed.
 
     Parameters: ``2 r N``. Init ``"zero"`` (the SURM code's): c_i = 0, s_i ~ N(0, 0.02^2).
 
@@ -69,36 +69,48 @@ class LowDisplacementRank(StructuredMatrix):
                 self.skew_columns.normal_(0.0, SURM_SKEW_STD)
                 self.circulant_columns.zero_()
 
-    def _skew_scaling(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """D = ω^k, k = 0..N-1, ω = e^{iπ/N}: the diagonal that turns skew-circulants into circulants."""
-        angles = torch.arange(self.size, device=device, dtype=dtype) * (math.pi / self.size)
-        return torch.polar(torch.ones_like(angles), angles)
+    def _skew_length(self) -> int:
+        """L, the circular length that holds the linear convolution of two length-N vectors (>= 2N, 5-smooth)."""
+        return fast_fft_length(2 * self.size)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        size = self.size
+        size, length = self.size, self._skew_length()
         dtype = compute_dtype(x, self.circulant_columns)
-        scaling = self._skew_scaling(dtype, x.device)
-        h = F.pad(x.to(dtype), (0, size - self.in_features))
-        h_hat = torch.fft.fft(h * scaling)  # (..., N)
-        s_hat = torch.fft.fft(self.skew_columns.to(dtype) * scaling)  # (r, N)
-        skewed = (torch.fft.ifft(h_hat.unsqueeze(-2) * s_hat) * scaling.conj()).real  # (..., r, N): Z_{-1}(s_i) x
-        spectrum = (torch.fft.rfft(self.circulant_columns.to(dtype)) * torch.fft.rfft(skewed)).sum(dim=-2)
-        y = torch.fft.irfft(spectrum, n=size)[..., : self.out_features]
-        return y.to(x.dtype)
+        linear = circular_convolution(self.skew_columns.to(dtype), x.to(dtype).unsqueeze(-2), length)  # (..., r, L)
+        skewed = linear[..., :size] - linear[..., size : 2 * size]  # Z_{-1}(s_i) x, (..., r, N)
+        y = circular_convolution(self.circulant_columns.to(dtype), skewed, size).sum(dim=-2)
+        return y[..., : self.out_features].to(x.dtype)
 
     def square_dense(self) -> Tensor:
-        """The N x N matrix sum_i Z_1(c_i) Z_{-1}(s_i) before truncation to (m, n)."""
+        """The N x N matrix sum_i Z_1(c_i) Z_{-1}(s_i) before truncation to (m, n).
+
+        Z_{-1}(s) is Toeplitz with t_k = s_k and t_{-k} = -s_{N-k}; Z_1(c) is applied to its columns by FFT
+        (O(r N^2 log N), not a dense N^3 product).
+        """
         size = self.size
-        circulants = circulant_dense(self.circulant_columns, size, size)  # (r, N, N)
-        skews = skew_circulant_dense(self.skew_columns)  # (r, N, N)
-        return (circulants @ skews).sum(dim=0)
+        diagonals = torch.cat([-self.skew_columns[:, 1:], self.skew_columns], dim=-1)
+        skews = toeplitz_dense(diagonals, size, size)  # (r, N, N)
+        columns = circular_convolution(self.circulant_columns.unsqueeze(-2), skews.transpose(-1, -2), size)
+        return columns.sum(dim=0).T  # row j of `columns` is Z_1(c_i) times column j of Z_{-1}(s_i)
 
     def dense(self) -> Tensor:
         return self.square_dense()[: self.out_features, : self.in_features]
 
     def num_parameters(self) -> int:
         return 2 * self.displacement_rank * self.size
+
+    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+        rows = tokens * self.displacement_rank
+        skew_fft, skew_elementwise = circular_convolution_work(rows, self._skew_length(), backward)
+        circ_fft, circ_elementwise = circular_convolution_work(rows, self.size, backward)
+        folds = (2 if backward else 1) * 2 * rows * self.size  # the sign fold and the sum over r
+        return Cost(fft=skew_fft + circ_fft, elementwise=skew_elementwise + circ_elementwise + folds)
+
+    def dense_cost(self, backward: bool) -> Cost:
+        fft, elementwise = circular_convolution_work(self.displacement_rank * self.size, self.size, backward)
+        copies = (2 if backward else 1) * 2 * self.displacement_rank * self.size**2
+        return Cost(fft=fft, elementwise=elementwise + copies)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, displacement_rank={self.displacement_rank}"

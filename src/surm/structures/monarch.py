@@ -8,22 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Init, StructuredMatrix, compute_dtype, kaiming_uniform_
+from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_
 from .options import require_positive_int
-
-
-def stride_permutation(groups: int, group_size: int) -> Tensor:
-    """Indices ``perm`` with ``(P v) = v[perm]`` that turn v laid out as (groups, group_size) into (group_size, groups).
-
-    Entry ``a * groups + g`` of the result is entry ``g * group_size + a`` of v (einops
-    ``(g a) -> (a g)``).
-    """
-    return torch.arange(groups * group_size).view(groups, group_size).T.reshape(-1)
-
-
-def permutation_matrix(perm: Tensor, dtype: torch.dtype) -> Tensor:
-    """The matrix P with ``P v = v[perm]``."""
-    return torch.eye(perm.numel(), dtype=dtype, device=perm.device)[perm]
 
 
 class Monarch(StructuredMatrix):
@@ -65,8 +51,6 @@ class Monarch(StructuredMatrix):
         self.block_out = math.ceil(out_features / nblocks)  # s
         self.right = nn.Parameter(torch.empty(nblocks, block_rank, self.block_in))  # R_j
         self.left = nn.Parameter(torch.empty(nblocks, self.block_out, block_rank))  # L_j
-        self.register_buffer("mid_permutation", stride_permutation(block_rank, nblocks), persistent=False)
-        self.register_buffer("out_permutation", stride_permutation(nblocks, self.block_out), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -92,14 +76,27 @@ class Monarch(StructuredMatrix):
         return y[:, : self.out_features].reshape(*lead, self.out_features).to(x.dtype)
 
     def dense(self) -> Tensor:
-        right = torch.block_diag(*self.right)  # (N r_b, N p)
-        left = torch.block_diag(*self.left)  # (N s, N r_b)
-        p_mid = permutation_matrix(self.mid_permutation, right.dtype)
-        p_out = permutation_matrix(self.out_permutation, right.dtype)
-        return (p_out @ left @ p_mid @ right)[: self.out_features, : self.in_features]
+        # Entry (t N + l, j p + q) of P_out L P_mid R is sum_a L_l[t, a] R_j[r, q] over the a with
+        # a N + l = j r_b + r (the P_mid reading), so M = L' R' with R' = blockdiag(R_j) and L' holding L_l[t, a]
+        # at row t N + l, column a N + l. Both are built with an identity factor, not a loop over blocks.
+        nblocks, rank, p, s = self.nblocks, self.block_rank, self.block_in, self.block_out
+        eye = torch.eye(nblocks, dtype=self.right.dtype, device=self.right.device)
+        right = torch.einsum("jrq,jk->jrkq", self.right, eye).reshape(nblocks * rank, nblocks * p)
+        left = torch.einsum("lta,lk->tlak", self.left, eye).reshape(s * nblocks, rank * nblocks)
+        return (left[: self.out_features] @ right)[:, : self.in_features]
 
     def num_parameters(self) -> int:
         return self.block_rank * self.nblocks * (self.block_in + self.block_out)
+
+    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+        nblocks, rank, p, s = self.nblocks, self.block_rank, self.block_in, self.block_out
+        flops = 2 * tokens * nblocks * rank * (p + s)
+        copies = tokens * nblocks * (p + 2 * rank + s)  # pad, the two transposes, P_out
+        return Cost(small_gemm=(3 if backward else 1) * flops, elementwise=(2 if backward else 1) * copies)
+
+    def dense_cost(self, backward: bool) -> Cost:
+        flops = 2 * self.out_features * self.nblocks * self.block_rank * self.in_features
+        return Cost(small_gemm=(3 if backward else 1) * flops)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nblocks={self.nblocks}, block_rank={self.block_rank}"

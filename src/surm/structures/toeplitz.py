@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._fft import apply_toeplitz, toeplitz_dense
-from .base import Init, StructuredMatrix, compute_dtype
+from ._fft import apply_toeplitz, circular_convolution_work, toeplitz_dense, toeplitz_length
+from .base import Cost, Init, StructuredMatrix, compute_dtype
 
 ToeplitzParameterization = Literal["plain", "product"]
 
@@ -112,6 +112,24 @@ class Toeplitz(StructuredMatrix):
         if self.parameterization == "plain":
             return self._values_length(m, n)
         return self._values_length(m, k) + self._values_length(k, n)
+
+    def _factor_shapes(self) -> list[tuple[int, int]]:
+        m, n, k = self.out_features, self.in_features, self.inner
+        return [(m, n)] if self.inner_values is None else [(k, n), (m, k)]
+
+    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+        total = Cost()
+        for rows, cols in self._factor_shapes():
+            fft, elementwise = circular_convolution_work(tokens, toeplitz_length(rows, cols), backward)
+            total = total + Cost(fft=fft, elementwise=elementwise + tokens * rows)
+        return total
+
+    def dense_cost(self, backward: bool) -> Cost:
+        m, n, k = self.out_features, self.in_features, self.inner
+        copies = Cost(elementwise=(2 if backward else 1) * sum(r * c for r, c in self._factor_shapes()))
+        if self.inner_values is None:
+            return copies
+        return copies + Cost(gemm=(3 if backward else 1) * 2 * m * k * n)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, parameterization={self.parameterization!r}"
