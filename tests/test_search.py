@@ -268,7 +268,8 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path):
     after = {t.number: t for t in study.get_trials()}
     for number, (params, value, completed) in before.items():  # finished trials were not run again
         assert after[number].state == TrialState.COMPLETE
-        assert (after[number].params, after[number].value, after[number].datetime_complete) == (params, value, completed)
+        trial = after[number]
+        assert (trial.params, trial.value, trial.datetime_complete) == (params, value, completed)
         assert not any(f"trial {number} {s}" in err for s in ("complete", "pruned", "rejected"))
     # The killed trial failed by heartbeat and was retried once, with its parameters, in its folder.
     assert after[killed[0]].state == TrialState.FAIL

@@ -147,11 +147,13 @@ class SearchSettings:
             raise ValueError(f"--families lists a family twice: {','.join(self.families)}")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes or len(set(self.modes)) != len(self.modes):
-            raise ValueError(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {','.join(self.modes)!r}")
+            raise ValueError(f"--modes must be a comma-separated subset of {','.join(MODES)}, "
+                             f"got {','.join(self.modes)!r}")
         for name in ("budget", "trials", "heartbeat"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('budget', 'budget-params')} must be a positive integer, got {value!r}")
+                flag = name.replace("budget", "budget-params")
+                raise ValueError(f"--{flag} must be a positive integer, got {value!r}")
         if self.timeout is not None and not self.timeout > 0:
             raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
         if self.pruner not in PRUNERS:
@@ -159,7 +161,8 @@ class SearchSettings:
         for name in ("delta_targets", "adapter_targets"):
             sets = getattr(self, name)
             if sets is not None and (not sets or any(not s or any(not p for p in s.split(",")) for s in sets)):
-                raise ValueError(f"--{name.replace('_', '-')} must be ';'-separated lists of module names, got {sets!r}")
+                raise ValueError(f"--{name.replace('_', '-')} must be ';'-separated lists of module names, "
+                                 f"got {sets!r}")
         if self.storage is None:
             self.storage = f"sqlite:///{(self.output / STUDY_FILE).resolve()}"
         if not self.study_name:
@@ -177,8 +180,8 @@ class SearchSettings:
 
     def run_kwargs(self) -> dict[str, Any]:
         """RunConfig keyword arguments shared by every trial."""
-        keys = ("model", "dataset", "text_column", "text_pair_column", "label_column", "epochs", "batch_size", "head_lr",
-                "weight_decay", "warmup_ratio", "max_length", "train_size", "eval_size", "device", "seed")
+        keys = ("model", "dataset", "text_column", "text_pair_column", "label_column", "epochs", "batch_size",
+                "head_lr", "weight_decay", "warmup_ratio", "max_length", "train_size", "eval_size", "device", "seed")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -203,10 +206,6 @@ class Candidate:
         if self.bottleneck is not None:
             options["bottleneck"] = self.bottleneck
         return MethodChoice(self.family, targets=self.targets.split(","), mode=self.mode, options=options)
-
-    def shape_key(self) -> tuple[Any, ...]:
-        """Everything that decides the parameter count (not lr or alpha)."""
-        return self.family, self.mode, self.targets, self.options, self.bottleneck
 
     def describe(self) -> str:
         """A short, table-friendly summary."""
@@ -587,7 +586,8 @@ class Search:
         if "budget" not in me.constraints:
             trial.set_constraint("budget", params - settings.budget)
         if params > settings.budget:
-            return self._untrained(trial, "rejected", f"over budget: {params:,} > {settings.budget:,} adapter parameters")
+            reason = f"over budget: {params:,} > {settings.budget:,} adapter parameters"
+            return self._untrained(trial, "rejected", reason)
         for other in frozen.values():
             if other.number != trial.number and other.params == trial.params and status_of(other) in (
                     "complete", "pruned", "diverged", "running"):
@@ -884,8 +884,9 @@ def front_plot(summary: dict[str, Any], path: Path) -> None:
     axes.step([r["adapter_params"] for r in front], [100 * r["validation_accuracy"] for r in front], where="post",
               color="tab:orange", label="Pareto front")
     for r in front:
-        axes.annotate(textwrap.shorten(r["config"].split(";")[0], 40), (r["adapter_params"], 100 * r["validation_accuracy"]),
-                      textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axes.annotate(textwrap.shorten(r["config"].split(";")[0], 40),
+                      (r["adapter_params"], 100 * r["validation_accuracy"]), textcoords="offset points", xytext=(4, 4),
+                      fontsize=7)
     best = summary["best"]
     axes.scatter([best["adapter_params"]], [100 * best["validation_accuracy"]], marker="*", s=200, color="tab:red",
                  label=f"best (test {_pct(best['test_accuracy'])} %)", zorder=3)
