@@ -11,7 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .execution import check_execution, choose_path
 from .structures import StructuredMatrix, structure
+from .structures.base import compute_dtype
 
 _ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "identity": lambda h: h}
 #: Activations allowed in adapter mode: each has act(0) = 0 and act'(0) != 0 (ReLU would leave a zero S dead).
@@ -28,25 +30,56 @@ class DeltaUpdate(nn.Module):
 
     Merging adds ``s · dense(M)`` to W0 (:meth:`delta_weight`), which equals the unmerged output in eval mode.
 
+    Two execution paths give the same values (see :mod:`surm.execution`): ``"structured"`` applies M's fast
+    apply to every row of x; ``"dense"`` builds ``s · dense(M)`` once per call and multiplies by it (gradients reach
+    the parameters through ``dense()``). ``"auto"`` picks the cheaper for the call's token count, shape, device
+    and whether gradients are needed. A :class:`~surm.peft.layer.SurmLayer` can also fold the dense path into its
+    base layer's product (:meth:`path` with ``folded=True``).
+
     Args:
         matrix: M, of shape (out_features, in_features) of the adapted layer.
         alpha: s, the scale of the update.
         dropout: dropout probability on the input x.
+        execution: ``"auto"``, ``"structured"`` or ``"dense"``.
+
+    Raises:
+        ValueError: for an unknown ``execution`` (naming the valid ones).
     """
 
-    def __init__(self, matrix: StructuredMatrix, alpha: float = 1.0, dropout: float = 0.0) -> None:
+    def __init__(self, matrix: StructuredMatrix, alpha: float = 1.0, dropout: float = 0.0, execution: str = "auto") -> None:
         super().__init__()
         self.matrix = matrix
         self.alpha = alpha
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.execution = check_execution(execution)
+
+    @property
+    def has_dropout(self) -> bool:
+        """True if dropout is active (training with p > 0): the update's input then differs from the layer's."""
+        return isinstance(self.dropout, nn.Dropout) and self.dropout.training
+
+    def path(self, x: Tensor, folded: bool = False) -> str:
+        """``"structured"`` or ``"dense"``: how this update applies to ``x`` (..., in_features) now.
+
+        ``folded`` says whether the dense path would share the base layer's product (inside a SurmLayer).
+        """
+        tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+        backward = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.matrix.parameters()))
+        return choose_path(self.execution, self.matrix, tokens, folded=folded, backward=backward, device_type=x.device.type)
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., in_features) -> (..., out_features), in the dtype of x."""
-        return self.alpha * self.matrix(self.dropout(x))
+        x = self.dropout(x)
+        if self.path(x) == "dense":
+            dtype = compute_dtype(x, *self.matrix.parameters())
+            return F.linear(x.to(dtype), self.delta_weight().to(dtype)).to(x.dtype)
+        y = self.matrix(x)
+        return y if self.alpha == 1.0 else self.alpha * y
 
     def delta_weight(self) -> Tensor:
         """s · dense(M), shape (out_features, in_features), in the adapter's dtype."""
-        return self.alpha * self.matrix.dense()
+        dense = self.matrix.dense()
+        return dense if self.alpha == 1.0 else self.alpha * dense
 
     def num_parameters(self) -> int:
         return self.matrix.num_parameters()

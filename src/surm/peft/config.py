@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ..execution import EXECUTIONS
 from ..insertion import ACTIVATIONS
 from ..structures import STRUCTURES, structure_options
 
@@ -58,6 +59,16 @@ class SurmConfig(PeftConfig):
     )
     activation: str = field(
         default="gelu", metadata={"help": f"Adapter mode: the non-linearity act, one of {ACTIVATIONS}."}
+    )
+    execution: str = field(
+        default="auto",
+        metadata={
+            "help": f"Delta mode: how M is applied, one of {EXECUTIONS}. 'structured': the family's fast apply on "
+            "every token (FFT, small products). 'dense': dense(M) built once per forward and folded into the base "
+            "layer's product, W0 + alpha · dense(M) (gradients reach M's parameters through dense()). 'auto': per "
+            "layer and call, the cheaper by surm.execution's cost model (tokens, shape, device, training or not). "
+            "All give the same values; only speed and memory differ."
+        },
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -114,6 +125,8 @@ class SurmConfig(PeftConfig):
             raise ValueError(f"bottleneck={self.bottleneck} needs mode='adapter', got mode={self.mode!r}")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if not isinstance(self.override_pattern, dict):
             raise ValueError(f"override_pattern must be a dict, got {type(self.override_pattern).__name__}")
         self._check_settings(self._base_settings(), "SurmConfig")  # the defaults, before any pattern is matched

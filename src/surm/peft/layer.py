@@ -46,6 +46,10 @@ class SurmLayer(nn.Module, BaseTunerLayer):
     ``h = h0 + Σ_{delta adapters a} s_a · M_a(dropout(x))`` and ``out = h + Σ_{adapter-mode adapters b} f_b(h)``,
     each over the active adapters. Delta adapters merge into the base weight (``get_delta_weight`` is the one
     source of truth for merge, unmerge and export); adapter-mode adapters refuse to merge.
+
+    A delta adapter whose execution path (``SurmConfig.execution``, :mod:`surm.execution`) is dense is folded into
+    the base product, ``base(x; W0 + s_a · dense(M_a))``, where the layer allows it (see :meth:`_can_fold`);
+    the others add ``s_a · M_a(dropout(x))`` to the base output.
     """
 
     adapter_layer_names = ("surm_delta", "surm_adapter")
@@ -69,7 +73,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         init = "zero" if config.init_weights else "random"
         if config.mode == "delta":
             matrix = structure(settings["structure"], self.out_features, self.in_features, init=init, **settings["options"])
-            self.surm_delta[adapter_name] = DeltaUpdate(matrix, settings["alpha"], config.dropout)
+            self.surm_delta[adapter_name] = DeltaUpdate(matrix, settings["alpha"], config.dropout, config.execution)
         else:
             self.surm_adapter[adapter_name] = OutputAdapter(
                 self.out_features,
@@ -165,18 +169,58 @@ class SurmLayer(nn.Module, BaseTunerLayer):
     def _channels_back(self, h: Tensor) -> Tensor:
         return h.movedim(-1, -3) if self.kind == "conv2d" else h
 
+    def _can_fold(self, delta: DeltaUpdate, x: Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether ``delta`` may be applied inside the base layer's product as ``W0 + s · dense(M)``.
+
+        Only for the plain layer types (not subclasses such as quantised layers), without extra call arguments,
+        without active dropout on the update's input (it would differ from the base layer's input), and in
+        float32/float64 (adding a small update to a half-precision weight would round it away).
+        """
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        return (
+            not args
+            and not kwargs
+            and type(base) in (nn.Linear, Conv1D, nn.Conv2d)
+            and not delta.has_dropout
+            and weight is not None
+            and weight.dtype in (torch.float32, torch.float64)
+            and x.dtype == weight.dtype
+        )
+
+    def _base_forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base layer's forward with ``weight`` in place of its own (same layout, same bias)."""
+        base = self.get_base_layer()
+        if self.kind == "linear":
+            return F.linear(x, weight, base.bias)
+        if self.kind == "conv1d":  # transformers' Conv1D: x @ W + b with W of shape (in, out)
+            flat = x.reshape(-1, x.shape[-1])
+            out = flat @ weight if base.bias is None else torch.addmm(base.bias, flat, weight)
+            return out.view(*x.shape[:-1], weight.shape[-1])
+        return base._conv_forward(x, weight, base.bias)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         active = self.active_adapters
         # Merged deltas are already in the base weight; the other active ones still apply (after a partial merge).
-        deltas = [self.surm_delta[n] for n in active if n in self.surm_delta and n not in self.merged_adapters]
-        if deltas:
-            rows = self._delta_input(x)
-            update = sum(delta(rows) for delta in deltas)
+        names = [n for n in active if n in self.surm_delta and n not in self.merged_adapters]
+        rows = self._delta_input(x) if names else x
+        # The dense path folds s · dense(M) into the base product (see surm.execution); the rest add their update.
+        folded = [
+            n for n in names
+            if self._can_fold(self.surm_delta[n], x, args, kwargs) and self.surm_delta[n].path(rows, folded=True) == "dense"
+        ]
+        if folded:
+            weight = self.get_base_layer().weight + sum(self.get_delta_weight(n) for n in folded)
+            result = self._base_forward_with_weight(x, weight)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        separate = [self.surm_delta[n] for n in names if n not in folded]
+        if separate:
+            update = sum(delta(rows) for delta in separate)
             result = result + self._channels_back(update).to(result.dtype)
         adapters = [self.surm_adapter[name] for name in active if name in self.surm_adapter]
         if adapters:
