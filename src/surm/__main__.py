@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -136,6 +137,18 @@ def run_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def run_config(args: argparse.Namespace) -> Any:
+    """The trainer's RunConfig for finetune's parsed flags.
+
+    Raises:
+        ValueError: for an unknown method or mode, or a setting out of range.
+    """
+    from .trainer import RunConfig
+
+    return RunConfig(method=method_choice(args), output=args.output, seed=args.seed, resume=args.resume,
+                     checkpoint_every=args.checkpoint_every, **run_config_kwargs(args))
+
+
 def forwarded_run_flags(args: argparse.Namespace) -> list[str]:
     """compare's shared flags as finetune arguments."""
     defaults = vars(build_parser().parse_args(["finetune", "--output", "-"]))
@@ -151,13 +164,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv or ["compare", "--quick"])
     try:
         if args.command == "finetune":
-            from .trainer import RunConfig, finetune
+            from .trainer import finetune
 
-            config = RunConfig(method=method_choice(args), output=args.output, seed=args.seed, resume=args.resume,
-                               checkpoint_every=args.checkpoint_every, **run_config_kwargs(args))
-            results = finetune(config)
-            print(json.dumps({k: results[k] for k in ("method", "trainable_params", "test_accuracy", "test_macro_f1",
-                                                      "train_seconds")}, indent=2))
+            results = finetune(run_config(args))
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, every process returns the same results
+                print(json.dumps({k: results[k] for k in ("method", "trainable_params", "test_accuracy",
+                                                          "test_macro_f1", "train_seconds")}, indent=2))
         elif args.command == "compare":
             run_compare(args, quick=args.quick or not argv)
         elif args.command == "demo":

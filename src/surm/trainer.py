@@ -35,6 +35,8 @@ RESULTS = "results.json"
 LOG = "train.log"
 #: ``on_epoch(epoch, validation_metrics)``, called after each epoch (see :meth:`Run.execute`).
 EpochCallback = Callable[[int, dict[str, float]], None]
+#: The saved model folder: the PEFT adapter, or the whole model for full fine-tuning.
+MODEL_FOLDERS = ("adapter", "model")
 log = logging.getLogger("surm")
 # PEFT calls this deprecated transformers property while wrapping a model; the warning is not actionable here.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -157,6 +159,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` with sets turned into sorted lists (PEFT configs hold ``target_modules`` as a set), recursively.
+
+    A set would otherwise reach results.json as its ``str``, in an order that changes from process to process.
+    """
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(jsonable(v) for v in value)
+    return value
+
+
 def versions() -> dict[str, str]:
     import peft
     import transformers
@@ -191,6 +207,9 @@ class Run:
     # -- set-up --------------------------------------------------------------------------------------------
 
     def _check_output(self) -> None:
+        """Refuse an output that this run would clobber; called before anything is loaded or written."""
+        if self.output.exists() and not self.output.is_dir():
+            raise ValueError(f"--output {self.output} exists and is not a folder")
         checkpoint = self.output / CHECKPOINT
         if checkpoint.exists() and not self.config.resume:
             raise ValueError(
@@ -199,6 +218,12 @@ class Run:
             )
         if (self.output / RESULTS).exists() and not self.config.resume:
             raise ValueError(f"{self.output} already holds results.json; choose another --output")
+        # A surm run writes its model folder only after its last checkpoint, so a model folder without a
+        # checkpoint is someone else's, and saving would replace it whole.
+        foreign = [name for name in MODEL_FOLDERS if (self.output / name).exists()]
+        if foreign and not checkpoint.exists():
+            raise ValueError(f"{self.output} already holds {foreign[0]!r}, which is not the output of a surm run "
+                             "(no checkpoint.pt); choose another --output")
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.peft_config is None:
@@ -236,8 +261,10 @@ class Run:
         if not (self.config.resume and path.exists()):
             return None
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if checkpoint["settings"] != self.config.describe():
-            changed = sorted(k for k in checkpoint["settings"] if checkpoint["settings"][k] != self.config.describe().get(k))
+        # Where the folder lives does not change the training: a moved (or differently spelled) folder resumes.
+        saved, wanted = checkpoint["settings"], self.config.describe()
+        changed = sorted(k for k in set(saved) | set(wanted) if k != "output" and saved.get(k) != wanted.get(k))
+        if changed:
             raise ValueError(f"cannot resume {path}: settings changed since it was written ({changed})")
         parameters = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -286,7 +313,11 @@ class Run:
         config, topology = self.config, self.topology
         if topology.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
+            # A process killed while writing leaves its temporary files (never valid outputs) behind.
+            leftovers = atomic.remove_leftovers(self.output, (CHECKPOINT, RESULTS, *MODEL_FOLDERS))
             self._configure_logging()
+            if leftovers:
+                log.info("removed temporary files of an interrupted run: %s", ", ".join(p.name for p in leftovers))
         trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         optimizer = self._optimizer()
         steps_per_epoch = len(epoch_batches(len(self.train_examples), config.batch_size, config.seed, 0,
@@ -379,7 +410,7 @@ class Run:
             "label": self.config.method.label,
             "mode": self.config.method.mode,
             "config": self.config.describe(),
-            "peft_config": self.peft_config.to_dict() if self.peft_config is not None else None,
+            "peft_config": jsonable(self.peft_config.to_dict()) if self.peft_config is not None else None,
             "model_source": self.loaded.source,
             "dataset": self.data.name,
             "num_labels": self.data.num_labels,

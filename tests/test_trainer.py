@@ -1,0 +1,274 @@
+"""The training loop (surm.trainer): what a run writes, every kind of method under one loop, resume after SIGKILL,
+and the output folders it refuses to touch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import surm  # noqa: F401  (registers the SURM PEFT type, so that PeftModel can load surm adapters)
+from surm.data import load_dataset, macro_f1
+from surm.models import minilm_path, text_collate
+from surm.trainer import subset
+
+from .conftest import REFERENCE_ARGS
+from .runs import TINY, call_main, environment, finetune_main, listing, surm_command
+
+RESULT_FIELDS = {
+    "method", "label", "mode", "config", "peft_config", "trainable_params", "head_params", "total_params",
+    "test_accuracy", "test_macro_f1", "test_loss", "imbalanced", "validation_history", "train_seconds",
+    "peak_memory_mb", "samples_per_second", "seed", "versions", "dataset", "num_labels", "label_names",
+    "world_size", "device",
+}
+
+
+def evaluate_saved(adapter, results):
+    """Load ``adapter`` onto a fresh MiniLM with PeftModel.from_pretrained; its predictions on the run's test subset.
+
+    Returns (accuracy, macro-F1, mean loss), computed here from scratch.
+    """
+    config = results["config"]
+    data = load_dataset(config["dataset"], seed=config["seed"])
+    examples = subset(data.test, config["eval_size"], config["seed"])
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=data.num_labels)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    batch = text_collate(AutoTokenizer.from_pretrained(minilm_path()), config["max_length"])(examples)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**batch).logits.float()
+    preds = logits.argmax(-1).numpy()
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    return float(np.mean(preds == labels.numpy())), macro_f1(preds, labels.numpy(), data.num_labels), loss
+
+
+def trainable_count(adapter):
+    return sum(t.numel() for t in load_file(adapter / "adapter_model.safetensors").values())
+
+
+# -- what a run writes --------------------------------------------------------------------------------------------
+
+
+def test_results_json_has_what_the_issue_lists(reference_run):
+    results = reference_run.results
+    assert RESULT_FIELDS <= set(results)
+    assert results["method"] == "circulant" and results["mode"] == "delta" and results["seed"] == 3
+    config = results["config"]
+    assert config["method"] == {"name": "circulant", "mode": "delta", "options": {}, "targets": None}
+    assert {k: config[k] for k in ("dataset", "epochs", "batch_size", "max_length", "train_size", "eval_size")} == \
+        {"dataset": "mr", "epochs": 2, "batch_size": 16, "max_length": 16, "train_size": 32, "eval_size": 16}
+    assert config["lr"] == pytest.approx(3e-3)  # the method's default learning rate, resolved
+    assert results["peft_config"]["peft_type"] == "SURM"
+    assert results["peft_config"]["target_modules"] == ["query", "value"]  # a sorted list, not a set's repr
+    # circulant on q and v of 6 layers: one 384-vector each; the head is 384 x 2 + 2
+    assert results["head_params"] == 770 and results["trainable_params"] == 12 * 384 + 770
+    assert 22_000_000 < results["total_params"] < 23_000_000
+    assert [(h["epoch"], h["step"]) for h in results["validation_history"]] == [(1, 2), (2, 4)]
+    for entry in results["validation_history"]:
+        assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["macro_f1"] <= 1 and entry["loss"] > 0
+    assert results["test_accuracy"] in {i / 16 for i in range(17)}  # 16 test examples
+    assert results["imbalanced"] is False  # mr is balanced
+    assert results["train_seconds"] > 0 and results["peak_memory_mb"] > 100
+    assert results["samples_per_second"] == pytest.approx(4 * 16 / results["train_seconds"])
+    assert set(results["versions"]) == {"surm", "torch", "transformers", "peft", "python"}
+    assert results["versions"]["surm"] == surm.__version__
+    assert results["world_size"] == 1 and results["device"] == "cpu"
+
+
+def test_log_records_the_run(reference_run):
+    lines = (reference_run.output / "train.log").read_text().splitlines()
+    messages = [line.split(" ", 2)[2] for line in lines]  # without the date and time
+    assert messages[0] == "method circulant: 5,378 trainable parameters; 32 train / 16 validation / 16 test " \
+                          "examples; 4 steps"
+    assert [m.split(":")[0] for m in messages[1:3]] == ["epoch 1", "epoch 2"]
+    assert messages[3].startswith(f"test accuracy {reference_run.results['test_accuracy']:.4f}")
+    assert len(messages) == 4
+
+
+def test_adapter_folder_loads_with_peft_and_reproduces_test_metrics(reference_run):
+    adapter = reference_run.output / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "SURM"
+    results = reference_run.results
+    assert trainable_count(adapter) == results["trainable_params"]
+    accuracy, f1, loss = evaluate_saved(adapter, results)
+    assert accuracy == results["test_accuracy"] and f1 == pytest.approx(results["test_macro_f1"])
+    assert loss == pytest.approx(results["test_loss"], rel=1e-5)
+
+
+def test_output_files_get_default_permissions(reference_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in reference_run.output.rglob("*"):
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path  # safetensors alone would write 0600
+
+
+# -- every method under the same loop -----------------------------------------------------------------------------
+
+
+def test_peft_lora_on_an_imbalanced_set_reports_macro_f1(tmp_path):
+    outcome = finetune_main(tmp_path / "lora", "--structure", "lora", "--dataset", "sms", *TINY, "--epochs", "1")
+    results = outcome.results
+    assert results["method"] == "lora" and results["peft_config"]["peft_type"] == "LORA"
+    assert results["peft_config"]["r"] == 8 and results["config"]["lr"] == pytest.approx(1e-3)
+    assert results["label_names"] == ["ham", "spam"] and results["imbalanced"] is True
+    # LoRA r=8 on q and v: 6 layers x 2 modules x 8 x (384 + 384), plus the 770 of the head
+    assert results["trainable_params"] == 12 * 8 * 768 + 770 == trainable_count(tmp_path / "lora" / "adapter")
+    accuracy, f1, _ = evaluate_saved(tmp_path / "lora" / "adapter", results)
+    assert accuracy == results["test_accuracy"] and f1 == pytest.approx(results["test_macro_f1"])
+    assert [h["step"] for h in results["validation_history"]] == [2]
+
+
+def test_full_finetuning_trains_and_saves_the_whole_model(tmp_path):
+    outcome = finetune_main(tmp_path / "full", "--structure", "full", *TINY, "--epochs", "1")
+    results = outcome.results
+    assert results["method"] == "full" and results["peft_config"] is None
+    assert results["trainable_params"] == results["total_params"] > 22_000_000
+    assert results["config"]["lr"] == pytest.approx(1e-4)
+    model = tmp_path / "full" / "model"
+    assert not (tmp_path / "full" / "adapter").exists()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(model)
+    assert sum(p.numel() for p in reloaded.parameters()) == results["total_params"]
+    original = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    name = "bert.encoder.layer.0.attention.self.query.weight"  # trained: it moved away from the pretrained value
+    assert not torch.equal(reloaded.state_dict()[name], original.state_dict()[name])
+
+
+def test_adapter_mode_runs_under_the_same_loop(tmp_path):
+    outcome = finetune_main(tmp_path / "adapter", "--structure", "circulant", "--mode", "adapter", *TINY,
+                            "--epochs", "1")
+    results = outcome.results
+    assert results["mode"] == "adapter" and results["label"] == "circulant adapter"
+    saved = json.loads((tmp_path / "adapter" / "adapter" / "adapter_config.json").read_text())
+    assert saved["mode"] == "adapter" and saved["target_modules"] == ["output.dense"]
+    assert results["trainable_params"] == trainable_count(tmp_path / "adapter" / "adapter")
+    accuracy, _, loss = evaluate_saved(tmp_path / "adapter" / "adapter", results)
+    assert accuracy == results["test_accuracy"] and loss == pytest.approx(results["test_loss"], rel=1e-5)
+
+
+# -- resume after SIGKILL -----------------------------------------------------------------------------------------
+
+#: What a killed atomic write can leave behind, plus a hidden file that is not ours and must stay.
+LEFTOVERS = {".checkpoint.pt.k2j4h1": "file", ".results.json.a81x0q": "file", ".adapter.x7y2mz": "folder"}
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """The reference run, checkpointing every step, killed with SIGKILL as soon as its first checkpoint is there."""
+    output = tmp_path_factory.mktemp("resume") / "run"
+    command = surm_command("finetune", *REFERENCE_ARGS, "--checkpoint-every", "1", "--output", str(output))
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (output / "checkpoint.pt").exists():
+        assert process.poll() is None, "finetune ended before writing a checkpoint"
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("no checkpoint within 300 s")
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return {"output": output, "returncode": process.returncode, "entries": listing(output),
+            "checkpoint": torch.load(output / "checkpoint.pt", map_location="cpu", weights_only=False)}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(killed_run):
+    """The killed run, moved to another folder (which must not matter), littered with leftovers, and resumed."""
+    output = killed_run["output"].with_name("moved")
+    killed_run["output"].rename(output)
+    for name, kind in LEFTOVERS.items():
+        if kind == "folder":
+            (output / name).mkdir()
+            (output / name / "adapter_model.safetensors").write_bytes(b"half")
+        else:
+            (output / name).write_bytes(b"half")
+    (output / ".keep").write_text("not surm's")
+    return finetune_main(output, *REFERENCE_ARGS, "--resume")
+
+
+def test_kill_leaves_only_complete_files(killed_run):
+    assert killed_run["returncode"] == -signal.SIGKILL
+    checkpoint = killed_run["checkpoint"]  # it loads: it was written whole
+    assert 1 <= checkpoint["global_step"] < 4 and checkpoint["settings"]["seed"] == 3
+    finals = {"results.json", "adapter"}
+    assert not finals & killed_run["entries"], "a final output exists although the run was killed"
+    for entry in killed_run["entries"] - {"checkpoint.pt", "train.log"}:
+        assert entry.startswith(".checkpoint.pt."), entry  # at most the temporary file of an interrupted write
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(reference_run, resumed_run):
+    resumed, reference = resumed_run.results, reference_run.results
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    assert resumed["test_macro_f1"] == pytest.approx(reference["test_macro_f1"])
+    assert resumed["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-6)
+    assert len(resumed["validation_history"]) == len(reference["validation_history"]) == 2
+    for ours, theirs in zip(resumed["validation_history"], reference["validation_history"]):
+        assert (ours["epoch"], ours["step"], ours["accuracy"]) == (theirs["epoch"], theirs["step"], theirs["accuracy"])
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+    assert resumed["trainable_params"] == reference["trainable_params"]
+    ours = load_file(resumed_run.output / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(reference_run.output / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
+    log = (resumed_run.output / "train.log").read_text()
+    assert "resumed from" in log and "test accuracy" in log
+
+
+def test_resume_removes_leftovers_of_the_killed_writes(resumed_run):
+    entries = {p.name for p in resumed_run.output.iterdir()}
+    assert entries == {"adapter", "checkpoint.pt", "results.json", "train.log", ".keep"}
+    log = (resumed_run.output / "train.log").read_text()
+    assert all(name in log for name in LEFTOVERS)  # the log says what was removed
+
+
+def test_resume_with_changed_settings_is_refused(resumed_run):
+    output = resumed_run.output
+    before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    outcome = call_main("finetune", *REFERENCE_ARGS, "--lr", "0.5", "--resume", "--output", str(output))
+    assert outcome.code == 2
+    assert "cannot resume" in outcome.stderr and "settings changed since it was written (['lr'])" in outcome.stderr
+    assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
+
+
+# -- output folders a run must not touch --------------------------------------------------------------------------
+
+
+def test_finished_output_is_refused(reference_run):
+    before = {p: p.read_bytes() for p in reference_run.output.rglob("*") if p.is_file()}
+    outcome = call_main("finetune", *REFERENCE_ARGS, "--output", str(reference_run.output))
+    assert outcome.code == 2 and "holds a checkpoint of an earlier run; pass --resume" in outcome.stderr
+    assert {p: p.read_bytes() for p in reference_run.output.rglob("*") if p.is_file()} == before
+
+
+def test_results_without_checkpoint_are_refused(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    outcome = call_main("finetune", *REFERENCE_ARGS, "--output", str(tmp_path))
+    assert outcome.code == 2 and "already holds results.json" in outcome.stderr
+    assert listing(tmp_path) == {"results.json"}
+
+
+@pytest.mark.parametrize("folder", ["adapter", "model"])
+def test_foreign_model_folder_is_refused(tmp_path, folder):
+    """A model folder without a checkpoint is not a surm run's: saving would replace it whole."""
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "mine.txt").write_text("precious")
+    outcome = call_main("finetune", *REFERENCE_ARGS, "--output", str(tmp_path))
+    assert outcome.code == 2 and f"already holds {folder!r}" in outcome.stderr
+    assert listing(tmp_path) == {folder, f"{folder}/mine.txt"}
+
+
+def test_output_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    outcome = call_main("finetune", *REFERENCE_ARGS, "--output", str(tmp_path / "out"))
+    assert outcome.code == 2 and "exists and is not a folder" in outcome.stderr
