@@ -46,13 +46,21 @@ def parse_methods(text: str) -> list[MethodSpec]:
 
     ``monarch:adapter`` selects the adapter mode; ``+flag=value`` passes ``--flag value`` to that method's
     ``surm finetune`` (e.g. ``circulant+parameterization=product``, ``monarch+nblocks=8+block-rank=2``,
-    ``lora+lr=3e-4``).
+    ``lora+lr=3e-4``). A value may hold commas (``kronecker+factors=4,8``): a piece after a comma that does not
+    start with a letter (as every method name does) continues the item before it.
 
     Raises:
-        ValueError: for an unknown method or mode, or a malformed option, naming the valid forms.
+        ValueError: for an unknown method or mode, a malformed option, or an item listed twice (its runs would
+            share a folder and count twice in the mean and std), naming the valid forms.
     """
-    specs = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    items: list[str] = []
+    for piece in (part.strip() for part in text.split(",")):
+        if items and piece and not piece[0].isalpha():
+            items[-1] += "," + piece
+        elif piece:
+            items.append(piece)
+    specs: list[MethodSpec] = []
+    for item in items:
         head, *extras = item.split("+")
         name, _, mode = head.partition(":")
         if name not in METHODS:
@@ -65,19 +73,50 @@ def parse_methods(text: str) -> list[MethodSpec]:
             if not equals or not flag or not value:
                 raise ValueError(f"malformed option {extra!r} in --methods item {item!r}; use +flag=value")
             args += [f"--{flag.replace('_', '-')}", value]
-        specs.append(MethodSpec(name, mode or "delta", args))
+        spec = MethodSpec(name, mode or "delta", args)
+        if any(other.key == spec.key for other in specs):
+            raise ValueError(f"--methods lists {item!r} twice")
+        specs.append(spec)
     if not specs:
         raise ValueError("--methods is empty")
     return specs
 
 
+def changed_settings(finished: dict[str, Any], finetune_args: list[str]) -> list[str]:
+    """The settings in which a finished run's results differ from what ``surm finetune finetune_args`` would run.
+
+    The output folder is left out (the same comparison may be named by a relative or an absolute path).
+    Invalid arguments differ in everything (``["arguments"]``).
+    """
+    from .__main__ import build_parser, run_config
+
+    try:
+        args = build_parser().parse_args(["finetune", *finetune_args])
+        wanted = json.loads(json.dumps(run_config(args).describe(), default=str))
+    except (SystemExit, ValueError):
+        return ["arguments"]
+    recorded = finished.get("config", {})
+    return sorted(k for k in set(wanted) | set(recorded) if k != "output" and wanted.get(k) != recorded.get(k))
+
+
 def run_one(spec: MethodSpec, seed: int, output: Path, common: list[str]) -> Optional[dict[str, Any]]:
-    """Run (or reuse) one ``surm finetune`` and return its results, or None if it failed (e.g. diverged)."""
+    """Run (or reuse) one ``surm finetune`` and return its results, or None if it failed (e.g. diverged).
+
+    Finished results are reused only if they were made with the same settings; results of other settings (an
+    earlier comparison in the same folder with other flags) count as a failed run instead of being mixed in.
+    """
     results = output / "results.json"
+    finetune_args = ["--structure", spec.name, "--mode", spec.mode, "--seed", str(seed), "--output", str(output),
+                     *common, *spec.args]
     if results.exists():
-        return json.loads(results.read_text())
-    command = [sys.executable, "-m", "surm", "finetune", "--structure", spec.name, "--mode", spec.mode,
-               "--seed", str(seed), "--output", str(output), *common, *spec.args]
+        finished = json.loads(results.read_text())
+        changed = changed_settings(finished, finetune_args)
+        if not changed:
+            return finished
+        print(f"[compare] FAILED: {spec.key} seed {seed}: {results} was made with other settings "
+              f"({', '.join(changed)}); delete {output} or choose another --output", file=sys.stderr)
+        return None
+    command = [sys.executable, "-m", "surm", "finetune", *finetune_args]
     if (output / "checkpoint.pt").exists():
         command.append("--resume")
     print(f"[compare] {spec.key} seed {seed}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
@@ -181,4 +220,6 @@ def compare(
                       {"title": title, "common_args": common, "seeds": seeds, "rows": rows, "failed": failed})
     if rows:
         frontier_plot(rows, output / "frontier.png", title)
+    else:  # nothing to plot: a plot of an earlier comparison would contradict the table
+        (output / "frontier.png").unlink(missing_ok=True)
     return table, failed

@@ -1,0 +1,156 @@
+"""surm compare: the --methods syntax, and a real comparison (2 methods x 2 seeds, each a ``surm finetune`` child)
+with its table, JSON and plot, reuse of finished runs, and failed runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+
+import pytest
+
+from surm.compare import MethodSpec, parse_methods
+
+from .runs import call_main
+
+#: One step of 16 examples per run, 8 validation and 8 test examples.
+COMPARE_ARGS = ("--train-size", "16", "--eval-size", "8", "--batch-size", "16", "--max-length", "16", "--epochs", "1")
+METHODS = ("lora", "circulant")
+SEEDS = (0, 1)
+
+
+# -- --methods ----------------------------------------------------------------------------------------------------
+
+
+def test_parse_methods_names_modes_and_options():
+    specs = parse_methods(" lora, monarch:adapter ,circulant+parameterization=product,monarch+nblocks=8+block_rank=2,"
+                          "lora+lr=3e-4,kronecker:delta+factors=4,8,full")
+    assert specs == [
+        MethodSpec("lora"),
+        MethodSpec("monarch", "adapter"),
+        MethodSpec("circulant", "delta", ["--parameterization", "product"]),
+        MethodSpec("monarch", "delta", ["--nblocks", "8", "--block-rank", "2"]),
+        MethodSpec("lora", "delta", ["--lr", "3e-4"]),
+        MethodSpec("kronecker", "delta", ["--factors", "4,8"]),  # the comma belongs to the value
+        MethodSpec("full"),
+    ]
+    assert [s.key for s in specs] == ["lora", "monarch_adapter", "circulant_parameterization_product",
+                                      "monarch_nblocks_8_block-rank_2", "lora_lr_3e-4", "kronecker_factors_4-8",
+                                      "full"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lora,hexagonal", "unknown method 'hexagonal' in --methods; valid methods: lowrank, circulant"),
+    ("8,lora", "unknown method '8'"),
+    ("monarch:sideways", "unknown mode 'sideways' in --methods item 'monarch:sideways'"),
+    ("monarch+nblocks", "malformed option 'nblocks' in --methods item 'monarch+nblocks'; use +flag=value"),
+    ("monarch+=4", "malformed option '=4'"),
+    (" , ", "--methods is empty"),
+    ("lora,circulant,lora", "--methods lists 'lora' twice"),
+    ("monarch:adapter,monarch:adapter", "--methods lists 'monarch:adapter' twice"),
+])
+def test_parse_methods_errors(text, message):
+    with pytest.raises(ValueError) as error:
+        parse_methods(text)
+    assert message in str(error.value)
+
+
+# -- a real comparison --------------------------------------------------------------------------------------------
+
+
+def compare(output, methods=",".join(METHODS), seeds=len(SEEDS), *extra):
+    return call_main("compare", "--methods", methods, "--seeds", str(seeds), *COMPARE_ARGS, *extra,
+                     "--output", str(output))
+
+
+def results_files(output, methods=METHODS, seeds=SEEDS):
+    return {(m, s): output / "runs" / m / f"seed{s}" / "results.json" for m in methods for s in seeds}
+
+
+def stamps(files):
+    return {key: (path.stat().st_mtime_ns, path.read_bytes()) for key, path in files.items()}
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    """The first comparison, as it was written (later tests rerun in the same folder)."""
+    output = tmp_path_factory.mktemp("compare") / "cmp"
+    outcome = compare(output, ",".join(METHODS), len(SEEDS), "--jobs", "2")
+    files = results_files(output)
+    return {
+        "outcome": outcome, "output": output, "markdown": (output / "comparison.md").read_text(),
+        "json": json.loads((output / "comparison.json").read_text()),
+        "plot": (output / "frontier.png").read_bytes(), "stamps": stamps(files),
+        "results": {key: json.loads(path.read_text()) for key, path in files.items()},
+    }
+
+
+def test_compare_writes_table_json_and_plot(first):
+    assert first["outcome"].code == 0, first["outcome"].stderr
+    markdown, summary = first["markdown"], first["json"]
+    assert first["outcome"].stdout.startswith(markdown)
+    assert markdown.startswith("surm compare: model minilm, dataset mr, 2 seed(s), finetune ")
+    assert "| method | adapter params | trainable params | lr | accuracy % (mean ± std) |" in markdown
+    assert "2 runs shared the machine at a time" in markdown  # --jobs 2
+    assert summary["seeds"] == list(SEEDS) and summary["failed"] == []
+    common = summary["common_args"]
+    assert dict(zip(common[::2], common[1::2])) == dict(zip(COMPARE_ARGS[::2], COMPARE_ARGS[1::2]))
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert set(rows) == set(METHODS)
+    for method, row in rows.items():
+        runs = [first["results"][method, seed] for seed in SEEDS]
+        accuracies = [r["test_accuracy"] for r in runs]
+        assert row["seeds"] == [r["seed"] for r in runs] == list(SEEDS)
+        assert row["accuracy_mean"] == pytest.approx(statistics.fmean(accuracies))
+        assert row["accuracy_std"] == pytest.approx(statistics.stdev(accuracies))
+        assert row["macro_f1_std"] == pytest.approx(statistics.stdev(r["test_macro_f1"] for r in runs))
+        assert row["trainable_params"] == runs[0]["trainable_params"] == runs[1]["trainable_params"]
+        assert row["adapter_params"] == row["trainable_params"] - 770
+        cells = f"| {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} |"
+        assert any(line.startswith(f"| {method} |") and cells in line for line in markdown.splitlines())
+    assert rows["lora"]["adapter_params"] == 12 * 8 * 768 and rows["circulant"]["adapter_params"] == 12 * 384
+    assert first["plot"].startswith(b"\x89PNG\r\n\x1a\n") and len(first["plot"]) > 10_000
+
+
+def test_every_run_has_the_same_data_steps_and_seeds(first):
+    shared = {"dataset", "train_size", "eval_size", "epochs", "batch_size", "max_length", "warmup_ratio", "head_lr"}
+    configs = {key: r["config"] for key, r in first["results"].items()}
+    assert len({json.dumps({k: c[k] for k in shared}, sort_keys=True) for c in configs.values()}) == 1
+    assert {key: c["seed"] for key, c in configs.items()} == {(m, s): s for m in METHODS for s in SEEDS}
+    assert {r["validation_history"][-1]["step"] for r in first["results"].values()} == {1}
+    for seed in SEEDS:  # identical data: the same seed gives the same labels to every method
+        assert first["results"]["lora", seed]["label_names"] == first["results"]["circulant", seed]["label_names"]
+
+
+def test_rerun_reuses_finished_runs_and_lists_a_failed_one(first):
+    output = first["output"]
+    outcome = compare(output, "lora,circulant,monarch+nblocks=0", 1)
+    assert outcome.code == 2
+    assert "surm compare: error: 1 run(s) failed: monarch_nblocks_0 seed 0" in outcome.stderr
+    assert "[compare] monarch_nblocks_0 seed 0: finetune --structure monarch" in outcome.stderr
+    assert "[compare] FAILED: monarch_nblocks_0 seed 0 (exit 2)" in outcome.stderr
+    assert "[compare] lora" not in outcome.stderr and "[compare] circulant" not in outcome.stderr  # nothing rerun
+    assert stamps(results_files(output)) == first["stamps"]
+    markdown = (output / "comparison.md").read_text()
+    assert "Failed runs (diverged or errored; see their train.log): monarch_nblocks_0 seed 0" in markdown
+    summary = json.loads((output / "comparison.json").read_text())
+    assert summary["failed"] == ["monarch_nblocks_0 seed 0"]
+    assert [(row["method"], row["seeds"]) for row in summary["rows"]] == [("lora", [0]), ("circulant", [0])]
+
+
+def test_finished_runs_are_reused_from_a_moved_folder_but_not_under_other_settings(first, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(first["output"], moved)
+    files = results_files(moved)
+    before = stamps(files)
+    same = compare(moved)
+    assert same.code == 0 and "[compare]" not in same.stderr
+    assert json.loads((moved / "comparison.json").read_text())["rows"] == first["json"]["rows"]
+
+    other = compare(moved, ",".join(METHODS), len(SEEDS), "--max-length", "12")
+    assert other.code == 2 and "4 run(s) failed" in other.stderr
+    assert f"{moved / 'runs' / 'lora' / 'seed0' / 'results.json'} was made with other settings (max_length)" \
+        in other.stderr
+    assert stamps(files) == before  # neither retrained nor mixed into the table
+    assert json.loads((moved / "comparison.json").read_text())["rows"] == []
+    assert not (moved / "frontier.png").exists()  # the old plot would contradict the empty table
