@@ -23,7 +23,7 @@ from .methods import METHODS
 #: The README's main job: every surm family against PEFT's LoRA and C3A and full fine-tuning, on MiniLM + mr,
 #: sized to finish in about 10 minutes on 2 CPU cores.
 QUICK_METHODS = ("lora", "c3a", "full", "circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "ldr", "monarch")
-QUICK_RUN_ARGS = ("--train-size", "1024", "--eval-size", "500", "--epochs", "2")
+QUICK_RUN_ARGS = ("--train-size", "768", "--eval-size", "400", "--epochs", "2")
 
 
 @dataclass
