@@ -194,6 +194,10 @@ def test_budget_rejections_happen_before_training(single):
         assert "folder" not in t.user_attrs
     for t in trained(study.get_trials()):
         assert t.user_attrs["adapter_params"] <= 4608
+    # Trial 0 is the initial design's: a configuration of the first family within the budget, default lr, alpha 1.
+    first = study.trials[0]
+    assert first.params["family"] == "circulant" and first.params["lr_scale"] == first.params["alpha"] == 1.0
+    assert status_of(first) in ("complete", "pruned")
     assert f"trial {rejected[0].number} rejected: over budget" in err
     assert "trained 2/2" in err and "best " in err
 

@@ -9,7 +9,8 @@ An Optuna study maximises **validation** accuracy (final epoch) over
 * the learning rate, log-uniform within a factor :data:`LR_SPAN` of the family's default
   (``methods.DEFAULT_LEARNING_RATES``), and the scale alpha.
 
-The sampler is multivariate TPE (seeded per trial number, with constant liar for parallel workers); a Hyperband or
+The first trials are an initial design, one configuration within the budget per family (:func:`initial_design`);
+then the sampler is multivariate TPE (seeded per trial number, with constant liar for parallel workers); a Hyperband or
 successive-halving pruner stops trials on the validation accuracy reported after each epoch. Every configuration is
 counted exactly before training (:class:`ParameterCounter`: the model's targeted layers, found by PEFT on a copy
 of the model on the meta device, and surm's own adapter modules for their shapes); one over the budget is pruned at
@@ -323,8 +324,9 @@ class ParameterCounter:
                 module = OutputAdapter(out_features, family, kwargs, bottleneck=bottleneck)
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
-    def smallest(self, settings: SearchSettings) -> tuple[int, Candidate, int, int]:
-        """The cheapest valid configuration of the space: (params, candidate, how many fit the budget, valid total).
+    def smallest(self, settings: SearchSettings) -> tuple[int, Candidate, list[Candidate], int]:
+        """The cheapest valid configuration of the space: (params, candidate, those within the budget, how many
+        are valid).
 
         Raises:
             ValueError: if a target set matches no layer, or no configuration of the space is valid.
@@ -339,14 +341,16 @@ class ParameterCounter:
                 if not found:
                     raise ValueError(f"target set {targets!r} ({mode} mode) matches no layer of {settings.model!r}")
         best: Optional[tuple[int, Candidate]] = None
-        fits = valid = 0
+        fits: list[Candidate] = []
+        valid = 0
         for candidate in all_shapes(settings):
             try:
                 n = self.count(candidate)
             except ValueError:  # an option that does not fit a layer's shape
                 continue
             valid += 1
-            fits += n <= settings.budget
+            if n <= settings.budget:
+                fits.append(candidate)
             if best is None or n < best[0]:
                 best = (n, candidate)
         if best is None:
@@ -367,15 +371,58 @@ class _Surplus(Exception):
     """A trial created after the study already had enough (a race between workers); it fails untrained."""
 
 
-def make_sampler(seed: int, trials: int) -> Any:
-    """Multivariate TPE whose random draws for trial n depend on (seed, n) only.
+def initial_design(settings: SearchSettings, fitting: list[Candidate]) -> list[dict[str, Any]]:
+    """The parameters of the study's first trials: one configuration within the budget per family (drawn with the
+    seed among that family's fitting ones, in delta and adapter mode by turns, at the family's default learning
+    rate and alpha 1), at most half of ``--trials``.
+
+    Without it, TPE's random start-up is spent mostly on configurations over the budget (a small budget rejects
+    most of the space), and whole families are never trained.
+    """
+    rng = np.random.default_rng([settings.seed, 1])
+    design = []
+    for index, family in enumerate(settings.families):
+        mine = [c for c in fitting if c.family == family]
+        if not mine:
+            continue
+        # Modes alternate between families (adapter variants would otherwise dominate the draw).
+        preferred = [c for c in mine if c.mode == settings.modes[index % len(settings.modes)]]
+        mine = preferred or mine
+        c = mine[int(rng.integers(len(mine)))]
+        params: dict[str, Any] = {"family": c.family, "mode": c.mode, f"targets.{c.mode}": c.targets}
+        if c.mode == "adapter":
+            params["bottleneck"] = c.bottleneck
+        params.update({f"{c.family}.{name}": value for name, value in c.options})
+        if settings.lr is None:
+            params["lr_scale"] = 1.0
+        params["alpha"] = 1.0
+        design.append(params)
+    return design[: max(1, settings.trials // 2)]
+
+
+def make_sampler(seed: int, trials: int, design: Optional[list[dict[str, Any]]] = None) -> Any:
+    """Multivariate TPE whose random draws for trial n depend on (seed, n) only; trial n < len(design) takes the
+    parameters ``design[n]``.
 
     One worker is then reproducible, and parallel workers (which see the same seed) never draw the same random
-    sequence for two trials.
+    sequence for two trials. The design is keyed by trial number, which the storage hands out once, so workers
+    that join together do not repeat it.
     """
     import optuna
 
+    design = list(design or [])
+
     class TrialSeededTPE(optuna.samplers.TPESampler):
+        def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
+            if trial.number < len(design):
+                return {}
+            return super().sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study: Any, trial: Any, param_name: str, distribution: Any) -> Any:
+            if trial.number < len(design) and param_name in design[trial.number]:
+                return design[trial.number][param_name]
+            return super().sample_independent(study, trial, param_name, distribution)
+
         def before_trial(self, study: Any, trial: Any) -> None:
             state = int(np.random.SeedSequence([seed, trial.number]).generate_state(1)[0])
             # TPESampler keeps two random states (its own, and its start-up RandomSampler's); reseed both.
@@ -495,7 +542,9 @@ class Search:
         # Everything that can fail on bad input happens here, before any training.
         self.storage = open_storage(settings.storage, settings.heartbeat)
         self.counter = ParameterCounter(settings)
-        smallest, cheapest, self.fitting, self.valid = self.counter.smallest(settings)
+        smallest, cheapest, fitting, self.valid = self.counter.smallest(settings)
+        self.fitting = len(fitting)
+        self.design = initial_design(settings, fitting)
         if smallest > settings.budget:
             raise ValueError(
                 f"--budget-params {settings.budget:,} is below the smallest configuration of the search space "
@@ -511,7 +560,7 @@ class Search:
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         study = optuna.create_study(storage=self.storage, study_name=self.settings.study_name, direction="maximize",
-                                    sampler=make_sampler(self.settings.seed, self.settings.trials),
+                                    sampler=make_sampler(self.settings.seed, self.settings.trials, self.design),
                                     pruner=make_pruner(self.settings.pruner, self.settings.epochs),
                                     load_if_exists=True)
         mine = self.settings.shared()
