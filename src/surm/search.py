@@ -933,9 +933,10 @@ def front_plot(summary: dict[str, Any], path: Path) -> None:
     axes.step([r["adapter_params"] for r in front], [100 * r["validation_accuracy"] for r in front], where="post",
               color="tab:orange", label="Pareto front")
     for r in front:
-        axes.annotate(textwrap.shorten(r["config"].split(";")[0], 40),
-                      (r["adapter_params"], 100 * r["validation_accuracy"]), textcoords="offset points", xytext=(4, 4),
-                      fontsize=7)
+        c = r["candidate"]
+        label = f"{c['family']} {'adapter' if c['mode'] == 'adapter' else 'on'} {c['targets']}"
+        axes.annotate(label, (r["adapter_params"], 100 * r["validation_accuracy"]), textcoords="offset points",
+                      xytext=(4, 4), fontsize=7)
     best = summary["best"]
     axes.scatter([best["adapter_params"]], [100 * best["validation_accuracy"]], marker="*", s=200, color="tab:red",
                  label=f"best (test {_pct(best['test_accuracy'])} %)", zorder=3)
@@ -946,7 +947,7 @@ def front_plot(summary: dict[str, Any], path: Path) -> None:
     axes.set_title(textwrap.fill(f"surm search: {s['model']} on {s['dataset']}, {summary['counts']['trained']} "
                                  f"trained trials, budget {s['budget']:,}", 90), fontsize=9)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
     atomic.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
     plt.close(figure)
