@@ -99,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
     search.add_argument("--heartbeat", type=int, default=60, help="seconds; a trial silent for twice this is retried")
     search.add_argument("--test-front", action="store_true", help="also test every Pareto point, not only the best")
+
+    bench = commands.add_parser("bench", help="speed and memory against PEFT LoRA/C3A: train, inference, apply tables")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
+    bench.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (default 10; --quick 2)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 2; --quick 1)")
+    bench.add_argument("--tables", default="train,inference,apply", help="comma-separated: train, inference, apply")
+    bench.add_argument("--quick", action="store_true", help="a short run of every table (small batch and grid)")
+    bench.add_argument("--paths", action="store_true", help="also time each family with each execution path forced")
+    bench.add_argument("--model", default="minilm", help="text model of the train and inference tables")
+    bench.add_argument("--output", type=Path, default=None, help="also write the tables to FILE (and FILE.json)")
     return parser
 
 
@@ -180,6 +191,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             from .search import search, settings_from_args
 
             search(settings_from_args(args))
+        elif args.command == "bench":
+            from .bench import run_command
+
+            run_command(args, argv[1:])
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"surm {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,666 @@
+"""``surm bench``: how fast and how large surm's adapters are next to PEFT's, in three Markdown tables.
+
+* **train**: one training step (forward, backward, AdamW) of MiniLM on a batch of 32 x 64 tokens with query and value
+  adapted: every surm family in delta mode at its default size, PEFT LoRA r=8, PEFT C3A (block 64 and 384) and the
+  *floor*: only the classifier trained while gradients still flow through the whole frozen encoder (transformers'
+  ``enable_input_require_grads``: the word-embedding output requires grad, so backward computes every activation
+  gradient but no encoder weight gradient). The floor is what any adapter on layer 0 must pay at least.
+* **inference**: forward of the base model, of unmerged adapters and of the merged model (``merge_and_unload``).
+* **apply**: each family's fast apply against a dense product ``x @ W.T`` of the same shape, for n = 256 ... 8192
+  and 64 ... 4096 tokens, with the growth exponent in n fitted by least squares on log time.
+
+Timing: every configuration of a table lives in the same process and the repeats are interleaved (round robin,
+rotating the order each round), so a change of machine load hits all of them alike; each cell is the median after
+warm-up. Peak memory of a training step: the bytes of the model's tensors (parameters, buffers) and of the optimizer
+state, plus the highest amount of tensor memory held during one step above its start. On CUDA that transient part is
+``torch.cuda.max_memory_allocated`` minus the allocation before the step; on CPU it is the peak of the allocator's
+running total as PyTorch's profiler records it (``profile_memory=True``: every tensor allocation and free during the
+step), because process RSS also counts the allocator's caches and the other configurations living in the process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+TABLES: tuple[str, ...] = ("train", "inference", "apply")
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+
+#: The anchor of DESIGN.md section 3: MiniLM, batch 32 x 64 tokens, query and value adapted.
+BATCH, SEQUENCE = 32, 64
+APPLY_SIZES: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
+APPLY_TOKENS: tuple[int, ...] = (64, 512, 4096)
+#: --quick: a short run that exercises every table (the smoke test of the output format).
+QUICK_BATCH, QUICK_SEQUENCE = 4, 16
+QUICK_APPLY_SIZES: tuple[int, ...] = (64, 128)
+QUICK_APPLY_TOKENS: tuple[int, ...] = (16,)
+QUICK_FAMILIES: tuple[str, ...] = ("circulant",)
+#: An apply cell stops repeating once its repeats have taken this long (the largest dense products take seconds).
+APPLY_CELL_SECONDS = 2.0
+
+
+@dataclass
+class BenchConfig:
+    """What ``surm bench`` measures and how.
+
+    Attributes:
+        device: ``"cpu"`` or ``"cuda"``.
+        threads: CPU threads for PyTorch (``torch.set_num_threads``).
+        repeats: timed repeats per configuration (the median is reported).
+        warmup: untimed repeats before them.
+        tables: which of :data:`TABLES` to run.
+        quick: a short version (small batch, few configurations, a small apply grid).
+        paths: also time every surm family with each execution path forced, beside ``auto``.
+        model: the text model of the train and inference tables.
+        command: the command line, written into the report.
+    """
+
+    device: str = "cpu"
+    threads: int = 2
+    repeats: int = 10
+    warmup: int = 2
+    tables: tuple[str, ...] = TABLES
+    quick: bool = False
+    paths: bool = False
+    model: str = "minilm"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        for name in ("threads", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        unknown = [t for t in self.tables if t not in TABLES]
+        if unknown or not self.tables:
+            raise ValueError(f"tables must be a non-empty subset of {TABLES}, got {list(self.tables)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available to this PyTorch")
+
+    @property
+    def batch(self) -> tuple[int, int]:
+        return (QUICK_BATCH, QUICK_SEQUENCE) if self.quick else (BATCH, SEQUENCE)
+
+
+# -- timing ------------------------------------------------------------------------------------------------------
+
+
+def _synchronizer(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def time_interleaved(
+    functions: dict[str, Callable[[], object]], warmup: int, repeats: int, device: str = "cpu"
+) -> dict[str, list[float]]:
+    """Seconds of each call, ``repeats`` per function after ``warmup`` untimed rounds, interleaved round robin.
+
+    The order rotates every round so that no function always runs right after the same neighbour.
+    """
+    sync = _synchronizer(device)
+    names = list(functions)
+    for _ in range(warmup):
+        for name in names:
+            functions[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync()
+            start = time.perf_counter()
+            functions[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(times: Sequence[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def iqr_ms(times: Sequence[float]) -> float:
+    """The interquartile range in milliseconds (0 with fewer than 2 samples): the spread under the machine's load."""
+    if len(times) < 2:
+        return 0.0
+    quartiles = statistics.quantiles(times, n=4, method="inclusive")
+    return 1e3 * (quartiles[2] - quartiles[0])
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of distinct tensors (shared storage counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in tensors:
+        if tensor is None or tensor.device.type == "meta":
+            continue
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def transient_peak_bytes(step: Callable[[], object], device: str) -> int:
+    """The most tensor memory held during ``step()`` above what was held when it started."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return max(torch.cuda.max_memory_allocated() - before, 0)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    # "Total Allocated" is the running total of the bytes allocated while profiling (and not yet freed).
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not memory:
+        return 0
+    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return max(max(e["args"]["Total Allocated"] for e in memory) - start, 0)
+
+
+# -- models --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    """One row of a table: its label, the kind of method, and how to build it from the base model."""
+
+    label: str
+    kind: str  # "floor", "peft" (a PEFT baseline), "surm", "base", "merged"
+    build: Callable[[nn.Module], nn.Module]
+    family: Optional[str] = None
+    execution: Optional[str] = None
+
+
+def _peft_model(base: nn.Module, config: Any) -> nn.Module:
+    import peft
+
+    return peft.get_peft_model(copy.deepcopy(base), config)
+
+
+def _lora_config() -> Any:
+    from .methods import MethodChoice, build_peft_config
+
+    return build_peft_config(MethodChoice("lora"), "SEQ_CLS", ["classifier"])
+
+
+def _c3a_config(block: int) -> Any:
+    from .methods import MethodChoice, build_peft_config
+
+    return build_peft_config(MethodChoice("c3a", options={"block_size": block}), "SEQ_CLS", ["classifier"])
+
+
+def _surm_config(family: str, execution: str = "auto") -> Any:
+    from .methods import MethodChoice, build_peft_config
+
+    return build_peft_config(MethodChoice(family, options={"execution": execution}), "SEQ_CLS", ["classifier"])
+
+
+def _floor_model(base: nn.Module) -> nn.Module:
+    model = copy.deepcopy(base)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name in ("classifier", "score"):
+        if hasattr(model, name):
+            for parameter in getattr(model, name).parameters():
+                parameter.requires_grad_(True)
+    model.enable_input_require_grads()  # gradients flow from the loss down through every encoder layer
+    return model
+
+
+def _families(config: BenchConfig) -> tuple[str, ...]:
+    from .structures import STRUCTURES
+
+    return QUICK_FAMILIES if config.quick else tuple(STRUCTURES)
+
+
+def train_entries(config: BenchConfig) -> list[Entry]:
+    entries = [
+        Entry("floor: classifier only, gradients through the encoder", "floor", _floor_model),
+        Entry("PEFT LoRA r=8", "peft", lambda base: _peft_model(base, _lora_config())),
+    ]
+    for block in (64, 384) if not config.quick else ():
+        entries.append(Entry(f"PEFT C3A block {block}", "peft", lambda base, b=block: _peft_model(base, _c3a_config(b))))
+    for family in _families(config):
+        executions = ("auto", "structured", "dense") if config.paths else ("auto",)
+        for execution in executions:
+            label = f"surm {family}" + ("" if execution == "auto" else f" [{execution}]")
+            entries.append(
+                Entry(label, "surm", lambda base, f=family, e=execution: _peft_model(base, _surm_config(f, e)),
+                      family=family, execution=execution)
+            )
+    return entries
+
+
+def execution_paths(model: nn.Module, rows: tuple[int, ...], device: str, training: bool) -> str:
+    """The paths the delta adapters of ``model`` take on inputs of shape ``rows + (in_features,)``.
+
+    Returns ``"structured"``, ``"dense"`` (folded into the base product, or ``"dense (separate)"``), several joined
+    by ``/``, or ``""`` when the model has no surm delta adapter.
+    """
+    from .peft.layer import SurmLayer
+
+    found: set[str] = set()
+    with torch.set_grad_enabled(training):
+        for module in model.modules():
+            if not isinstance(module, SurmLayer):
+                continue
+            x = torch.empty(*rows, module.in_features, device=device)
+            for name, delta in module.surm_delta.items():
+                folded = module._can_fold(delta, x, (), {})
+                path = delta.path(x, folded=folded)
+                found.add(path if path == "structured" or folded else "dense (separate)")
+    return "/".join(sorted(found))
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _batch(config: BenchConfig, device: str) -> dict[str, torch.Tensor]:
+    batch, sequence = config.batch
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (batch, sequence), generator=generator)
+    labels = torch.randint(0, 2, (batch,), generator=generator)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+
+
+def _load_base(config: BenchConfig) -> nn.Module:
+    from .models import load_text_classifier
+
+    return load_text_classifier(config.model, num_labels=2, max_length=config.batch[1]).model.to(config.device)
+
+
+def run_train(config: BenchConfig, base: nn.Module) -> dict[str, Any]:
+    """Time a training step of every :func:`train_entries` configuration, interleaved; then one step each for memory."""
+    device = config.device
+    batch = _batch(config, device)
+    rows = config.batch
+    models: dict[str, nn.Module] = {}
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for entry in train_entries(config):
+        torch.manual_seed(0)
+        model = entry.build(base).to(device)
+        model.train()
+        models[entry.label] = model
+        optimizers[entry.label] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        info[entry.label] = {
+            "kind": entry.kind,
+            "family": entry.family,
+            "execution": entry.execution,
+            "trainable_params": trainable_parameters(model),
+            "path": execution_paths(model, rows, device, training=True) if entry.kind == "surm" else "",
+        }
+
+    def step(label: str) -> Callable[[], None]:
+        model, optimizer = models[label], optimizers[label]
+
+        def run() -> None:
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    steps = {label: step(label) for label in models}
+    times = time_interleaved(steps, config.warmup, config.repeats, device)
+    for label, model in models.items():
+        state = tensor_bytes([*model.parameters(), *model.buffers()])
+        state += tensor_bytes(t for s in optimizers[label].state.values() for t in s.values() if torch.is_tensor(t))
+        transient = transient_peak_bytes(steps[label], device)
+        info[label].update(times_s=times[label], state_bytes=state, transient_peak_bytes=transient,
+                           peak_bytes=state + transient)
+    return info
+
+
+def train_table(info: dict[str, dict[str, Any]], config: BenchConfig) -> str:
+    lora = median_ms(info["PEFT LoRA r=8"]["times_s"])
+    floor_label = next(label for label, row in info.items() if row["kind"] == "floor")
+    floor = median_ms(info[floor_label]["times_s"])
+    lora_peak = info["PEFT LoRA r=8"]["peak_bytes"]
+    batch, sequence = config.batch
+    lines = [
+        f"### Training step: {config.model}, batch {batch} x {sequence} tokens, query and value adapted, "
+        f"forward + backward + AdamW ({config.device}, {config.threads} threads)",
+        "",
+        "| method | path | ms/step | IQR ms | ratio to LoRA | overhead / LoRA's | trainable params | peak MiB "
+        "| peak / LoRA | step transient MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, row in info.items():
+        ms = median_ms(row["times_s"])
+        overhead = "n/a" if row["kind"] == "floor" or lora == floor else f"{(ms - floor) / (lora - floor):.2f}"
+        lines.append(
+            f"| {label} | {row['path'] or '-'} | {ms:.1f} | {iqr_ms(row['times_s']):.1f} | {ms / lora:.3f} | "
+            f"{overhead} | {row['trainable_params']:,} | {row['peak_bytes'] / 2**20:.1f} | "
+            f"{row['peak_bytes'] / lora_peak:.3f} | {row['transient_peak_bytes'] / 2**20:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+# -- inference -----------------------------------------------------------------------------------------------------
+
+
+def inference_entries(config: BenchConfig) -> list[Entry]:
+    def merged(peft_config: Callable[[], Any]) -> Callable[[nn.Module], nn.Module]:
+        return lambda base: _peft_model(base, peft_config()).merge_and_unload()
+
+    entries = [
+        Entry("base model", "base", copy.deepcopy),
+        Entry("PEFT LoRA r=8, unmerged", "peft", lambda base: _peft_model(base, _lora_config())),
+        Entry("PEFT LoRA r=8, merged", "merged", merged(_lora_config)),
+    ]
+    for family in _families(config):
+        entries.append(Entry(f"surm {family}, unmerged", "surm",
+                             lambda base, f=family: _peft_model(base, _surm_config(f)), family=family))
+        entries.append(Entry(f"surm {family}, merged", "merged", merged(lambda f=family: _surm_config(f)),
+                             family=family))
+    return entries
+
+
+def run_inference(config: BenchConfig, base: nn.Module) -> dict[str, Any]:
+    device = config.device
+    batch = {k: v for k, v in _batch(config, device).items() if k != "labels"}
+    models: dict[str, nn.Module] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for entry in inference_entries(config):
+        torch.manual_seed(0)
+        model = entry.build(base).to(device)
+        model.eval()
+        models[entry.label] = model
+        info[entry.label] = {
+            "kind": entry.kind,
+            "family": entry.family,
+            "path": execution_paths(model, config.batch, device, training=False) if entry.kind == "surm" else "",
+        }
+
+    def forward(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                model(**batch)
+
+        return run
+
+    times = time_interleaved({k: forward(m) for k, m in models.items()}, config.warmup, config.repeats, device)
+    for label in models:
+        info[label]["times_s"] = times[label]
+    return info
+
+
+def inference_table(info: dict[str, dict[str, Any]], config: BenchConfig) -> str:
+    base = median_ms(info["base model"]["times_s"])
+    batch, sequence = config.batch
+    lines = [
+        f"### Inference: {config.model}, batch {batch} x {sequence} tokens, eval mode, no gradients "
+        f"({config.device}, {config.threads} threads)",
+        "",
+        "| model | path | ms/forward | IQR ms | ratio to base |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for label, row in info.items():
+        ms = median_ms(row["times_s"])
+        lines.append(f"| {label} | {row['path'] or '-'} | {ms:.1f} | {iqr_ms(row['times_s']):.1f} | {ms / base:.3f} |")
+    return "\n".join(lines)
+
+
+# -- apply kernels -------------------------------------------------------------------------------------------------
+
+
+def _time_cell(fn: Callable[[], object], config: BenchConfig) -> list[float]:
+    """Seconds per call of ``fn``: one warm-up, then up to ``repeats`` calls, at least 3, within a time budget."""
+    sync = _synchronizer(config.device)
+    for _ in range(max(config.warmup, 1)):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        first = time.perf_counter() - start
+    repeats = max(min(config.repeats, int(APPLY_CELL_SECONDS / max(first, 1e-9))), min(3, config.repeats))
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def growth_exponent(sizes: Sequence[int], values: Sequence[float]) -> float:
+    """The least-squares slope of log(value) against log(size)."""
+    xs = [math.log(s) for s in sizes]
+    ys = [math.log(max(v, 1e-12)) for v in values]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    denominator = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / denominator if denominator else float("nan")
+
+
+def run_apply(config: BenchConfig) -> dict[str, Any]:
+    """Fast apply of every family (default options, n x n) and a dense product, on a grid of n and token counts."""
+    from .structures import STRUCTURES, structure
+
+    sizes = QUICK_APPLY_SIZES if config.quick else APPLY_SIZES
+    token_counts = QUICK_APPLY_TOKENS if config.quick else APPLY_TOKENS
+    device = config.device
+    results: dict[str, Any] = {"sizes": list(sizes), "tokens": list(token_counts), "ms": {}}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n in sizes:
+            weight = torch.randn(n, n, device=device) / math.sqrt(n)
+            modules = {name: structure(name, n, n, init="random").to(device) for name in STRUCTURES}
+            for tokens in token_counts:
+                x = torch.randn(tokens, n, device=device)
+                cells = {"dense": lambda: x @ weight.T, **{name: (lambda m=m: m(x)) for name, m in modules.items()}}
+                for name, fn in cells.items():
+                    results["ms"].setdefault(name, {}).setdefault(str(tokens), {})[str(n)] = median_ms(
+                        _time_cell(fn, config)
+                    )
+    results["calibration"] = measure_rates(config)
+    return results
+
+
+def measure_rates(config: BenchConfig) -> dict[str, float]:
+    """Throughput of each kind of work of the cost model (surm.execution.RATES) at 2048 x 384, in this run."""
+    device, tokens, n = config.device, 2048, 384
+    if config.quick:
+        tokens, n = 256, 64
+    x = torch.randn(tokens, n, device=device)
+    weight = torch.randn(n, n, device=device)
+    down, up = torch.randn(8, n, device=device), torch.randn(n, 8, device=device)
+    h = torch.randn(tokens, 8, device=device)
+    spectrum = torch.fft.rfft(x)
+
+    def seconds(fn: Callable[[], object]) -> float:
+        return statistics.median(_time_cell(fn, config))
+
+    thin = [lambda: x @ down.T, lambda: h @ up.T, lambda: x @ up, lambda: x.T @ h, lambda: h.T @ x]
+    fft_work = tokens * n * math.log2(n)
+    return {
+        "gemm": 2 * tokens * n * n / seconds(lambda: x @ weight.T),
+        "small_gemm": len(thin) * 2 * tokens * n * 8 / sum(seconds(fn) for fn in thin),
+        "fft": 2 * fft_work / (seconds(lambda: torch.fft.rfft(x)) + seconds(lambda: torch.fft.irfft(spectrum, n=n))),
+        "elementwise": tokens * n / seconds(lambda: x + x),
+    }
+
+
+def apply_tables(results: dict[str, Any], config: BenchConfig) -> str:
+    from .execution import RATES
+
+    sizes = results["sizes"]
+    n_log_n = growth_exponent(sizes, [n * math.log2(n) for n in sizes])
+    lines = [
+        f"### Apply kernels: y = M x for x of shape (tokens, n), M n x n at each family's default options, forward "
+        f"only, float32 ({config.device}, {config.threads} threads); dense = x @ W.T with W n x n",
+        "",
+        f"Growth exponent: least-squares slope of log(ms) against log(n) over n = {sizes[0]} ... {sizes[-1]}; on this "
+        f"grid n log n has exponent {n_log_n:.2f} and n^2 has 2.00. Small sizes are overhead-bound, which lowers "
+        "every exponent.",
+    ]
+    for tokens in results["tokens"]:
+        header = " | ".join(f"n={n}" for n in sizes)
+        lines += [
+            "",
+            f"{tokens} tokens (ms):",
+            "",
+            f"| kernel | {header} | ratio to dense at n={sizes[-1]} | growth exponent |",
+            "|---|" + "---:|" * (len(sizes) + 2),
+        ]
+        dense_last = results["ms"]["dense"][str(tokens)][str(sizes[-1])]
+        for name, by_tokens in results["ms"].items():
+            values = [by_tokens[str(tokens)][str(n)] for n in sizes]
+            cells = " | ".join(f"{v:.3g}" for v in values)
+            lines.append(
+                f"| {name} | {cells} | {values[-1] / dense_last:.3f} | {growth_exponent(sizes, values):.2f} |"
+            )
+    measured = results["calibration"]
+    model = RATES["cpu" if config.device == "cpu" else "cuda"]
+    lines += [
+        "",
+        "Cost-model rates (surm.execution), as ratios to the large-product rate: "
+        + "; ".join(
+            f"{kind} measured {measured[kind] / measured['gemm']:.3f}, model {getattr(model, kind) / model.gemm:.3f}"
+            for kind in ("small_gemm", "fft", "elementwise")
+        )
+        + f". Large products measured at {measured['gemm'] / 1e9:.1f} GFLOP/s with {config.threads} threads.",
+    ]
+    return "\n".join(lines)
+
+
+# -- the report ----------------------------------------------------------------------------------------------------
+
+
+def machine_description(config: BenchConfig) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import peft
+    import transformers
+
+    parts = [f"{cpu}, {os.cpu_count()} logical CPUs, {config.threads} PyTorch threads",
+             f"torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}",
+             f"Python {platform.python_version()} on {platform.system()} {platform.release()}"]
+    if config.device == "cuda":
+        parts.insert(0, f"GPU {torch.cuda.get_device_name()}")
+    return "; ".join(parts)
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+@dataclass
+class BenchReport:
+    """The Markdown report and the raw numbers behind it."""
+
+    markdown: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def run_bench(config: BenchConfig) -> BenchReport:
+    """Run the tables of ``config`` and return the report (tables in the order train, inference, apply)."""
+    torch.set_num_threads(config.threads)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load_before = _load_average()
+    data: dict[str, Any] = {"config": asdict(config), "started": started}
+    sections: list[str] = []
+    base = _load_base(config) if {"train", "inference"} & set(config.tables) else None
+    if "train" in config.tables:
+        data["train"] = run_train(config, base)
+        sections.append(train_table(data["train"], config))
+    if "inference" in config.tables:
+        data["inference"] = run_inference(config, base)
+        sections.append(inference_table(data["inference"], config))
+    if "apply" in config.tables:
+        data["apply"] = run_apply(config)
+        sections.append(apply_tables(data["apply"], config))
+    data["machine"] = machine_description(config)
+    data["load_average"] = {"start": load_before, "end": _load_average()}
+    header = [
+        "## surm bench",
+        "",
+        f"- command: `{config.command or 'surm bench'}`",
+        f"- machine: {data['machine']}",
+        f"- started {started}; load average (1, 5, 15 min) at start {load_before}, at end {data['load_average']['end']}",
+        f"- every cell: median of {config.repeats} timed repeats after {config.warmup} warm-up, all configurations of "
+        "a table interleaved in one process; IQR = interquartile range of the repeats",
+    ]
+    return BenchReport("\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n", data)
+
+
+def write_report(report: BenchReport, path: Path) -> Path:
+    """Write the Markdown to ``path`` and the raw numbers to ``path`` with suffix ``.json``, atomically; returns the latter."""
+    from .atomic import write_json, write_text
+
+    path = Path(path)
+    raw = path.with_suffix(".json")
+    write_text(path, report.markdown)
+    write_json(raw, report.data)
+    return raw
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command as a user would type it, for the report."""
+    return "surm bench" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
+
+
+def run_command(args: Any, argv: Sequence[str]) -> None:
+    """``surm bench``: build the config from the parsed flags, run, print, and write ``--output`` if given."""
+    tables = tuple(t.strip() for t in args.tables.split(",") if t.strip())
+    config = BenchConfig(
+        device=args.device,
+        threads=args.threads,
+        repeats=args.repeats if args.repeats is not None else (2 if args.quick else 10),
+        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
+        tables=tables,
+        quick=args.quick,
+        paths=args.paths,
+        model=args.model,
+        command=command_line(argv),
+    )
+    report = run_bench(config)
+    print(report.markdown, end="")
+    if args.output is not None:
+        raw = write_report(report, args.output)
+        print(f"written: {args.output}, {raw}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``benchmarks/bench.py``: the same as ``surm bench`` with the same flags."""
+    from .__main__ import main as surm_main
+
+    return surm_main(["bench", *(sys.argv[1:] if argv is None else argv)])
