@@ -103,6 +103,10 @@ class BenchConfig:
 # -- timing ------------------------------------------------------------------------------------------------------
 
 
+def _threads(config: BenchConfig) -> str:
+    return f"{config.threads} thread" + ("" if config.threads == 1 else "s")
+
+
 def _synchronizer(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -348,7 +352,7 @@ def train_table(info: dict[str, dict[str, Any]], config: BenchConfig) -> str:
     batch, sequence = config.batch
     lines = [
         f"### Training step: {config.model}, batch {batch} x {sequence} tokens, query and value adapted, "
-        f"forward + backward + AdamW ({config.device}, {config.threads} threads)",
+        f"forward + backward + AdamW ({config.device}, {_threads(config)})",
         "",
         "| method | path | ms/step | IQR ms | ratio to LoRA | overhead / LoRA's | trainable params | peak MiB "
         "| peak / LoRA | step transient MiB |",
@@ -419,7 +423,7 @@ def inference_table(info: dict[str, dict[str, Any]], config: BenchConfig) -> str
     batch, sequence = config.batch
     lines = [
         f"### Inference: {config.model}, batch {batch} x {sequence} tokens, eval mode, no gradients "
-        f"({config.device}, {config.threads} threads)",
+        f"({config.device}, {_threads(config)})",
         "",
         "| model | path | ms/forward | IQR ms | ratio to base |",
         "|---|---|---:|---:|---:|",
@@ -517,7 +521,7 @@ def apply_tables(results: dict[str, Any], config: BenchConfig) -> str:
     n_log_n = growth_exponent(sizes, [n * math.log2(n) for n in sizes])
     lines = [
         f"### Apply kernels: y = M x for x of shape (tokens, n), M n x n at each family's default options, forward "
-        f"only, float32 ({config.device}, {config.threads} threads); dense = x @ W.T with W n x n",
+        f"only, float32 ({config.device}, {_threads(config)}); dense = x @ W.T with W n x n",
         "",
         f"Growth exponent: least-squares slope of log(ms) against log(n) over n = {sizes[0]} ... {sizes[-1]}; on this "
         f"grid n log n has exponent {n_log_n:.2f} and n^2 has 2.00. Small sizes are overhead-bound, which lowers "
@@ -548,7 +552,7 @@ def apply_tables(results: dict[str, Any], config: BenchConfig) -> str:
             f"{kind} measured {measured[kind] / measured['gemm']:.3f}, model {getattr(model, kind) / model.gemm:.3f}"
             for kind in ("small_gemm", "fft", "elementwise")
         )
-        + f". Large products measured at {measured['gemm'] / 1e9:.1f} GFLOP/s with {config.threads} threads.",
+        + f". Large products measured at {measured['gemm'] / 1e9:.1f} GFLOP/s with {_threads(config)}.",
     ]
     return "\n".join(lines)
 
@@ -568,7 +572,7 @@ def machine_description(config: BenchConfig) -> str:
     import peft
     import transformers
 
-    parts = [f"{cpu}, {os.cpu_count()} logical CPUs, {config.threads} PyTorch threads",
+    parts = [f"{cpu}, {os.cpu_count()} logical CPUs, {_threads(config)} of PyTorch",
              f"torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}",
              f"Python {platform.python_version()} on {platform.system()} {platform.release()}"]
     if config.device == "cuda":

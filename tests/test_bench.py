@@ -1,0 +1,97 @@
+"""``surm bench --quick``: the report's format and its raw numbers (never the timings themselves)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from surm.__main__ import main  # noqa: E402
+from surm.bench import BenchConfig, growth_exponent, iqr_ms  # noqa: E402
+
+NUMBER = r"-?[0-9][0-9,.e+-]*"
+
+
+def table_rows(markdown: str, title: str) -> list[list[str]]:
+    """The body rows of the Markdown table under the heading that starts with ``title``."""
+    lines = markdown.split(title, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[start + 2 : end]]
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench") / "bench.md"
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench", "--quick", "--threads", "1", "--output", str(output)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return output.read_text(), json.loads(output.with_suffix(".json").read_text())
+
+
+def test_quick_report_has_every_table_with_numbers(quick_report):
+    markdown, data = quick_report
+    assert markdown.startswith("## surm bench\n")
+    assert "- command: `surm bench --quick --threads 1 --output " in markdown
+
+    train = table_rows(markdown, "### Training step")
+    labels = [row[0] for row in train]
+    assert labels[:2] == ["floor: classifier only, gradients through the encoder", "PEFT LoRA r=8"]
+    assert "surm circulant" in labels
+    lora = train[1]
+    assert lora[4] == "1.000" and lora[5] == "1.00" and lora[8] == "1.000"  # LoRA is the reference
+    for row in train:
+        assert len(row) == 10
+        assert all(re.fullmatch(NUMBER, cell) for cell in (row[2], row[3], row[4], row[6], row[7], row[8], row[9]))
+    assert train[labels.index("surm circulant")][1] in ("structured", "dense")
+
+    inference = table_rows(markdown, "### Inference")
+    assert [row[0] for row in inference][:3] == ["base model", "PEFT LoRA r=8, unmerged", "PEFT LoRA r=8, merged"]
+    assert inference[0][4] == "1.000"
+    assert {"surm circulant, unmerged", "surm circulant, merged"} <= {row[0] for row in inference}
+
+    apply = table_rows(markdown, "16 tokens (ms):")
+    kernels = [row[0] for row in apply]
+    assert kernels[0] == "dense"
+    assert set(kernels[1:]) == {"lowrank", "circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "ldr", "monarch"}
+    assert all(re.fullmatch(NUMBER, cell) for row in apply for cell in row[1:])
+    assert "Cost-model rates (surm.execution)" in markdown
+
+    assert set(data) >= {"config", "train", "inference", "apply", "machine", "load_average"}
+    assert data["config"]["quick"] is True
+    assert len(data["train"]["PEFT LoRA r=8"]["times_s"]) == 2
+    assert data["train"]["surm circulant"]["peak_bytes"] > data["train"]["surm circulant"]["state_bytes"] > 0
+
+
+def test_bad_options_are_reported():
+    with pytest.raises(ValueError, match=r"tables must be a non-empty subset of \('train', 'inference', 'apply'\)"):
+        BenchConfig(tables=("train", "speed"))
+    with pytest.raises(ValueError, match="repeats must be a positive integer, got 0"):
+        BenchConfig(repeats=0)
+    assert main(["bench", "--tables", "nope"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    assert main(["bench", "--device", "cuda", "--quick"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quick_report_on_cuda(tmp_path):
+    assert main(["bench", "--quick", "--device", "cuda", "--tables", "train,apply", "--output", str(tmp_path / "b.md")]) == 0
+    assert "(cuda, " in (tmp_path / "b.md").read_text()
+
+
+def test_helpers():
+    assert growth_exponent([10, 100, 1000], [1, 100, 10000]) == pytest.approx(2.0)
+    assert iqr_ms([0.001]) == 0.0
+    assert iqr_ms([0.001, 0.002, 0.003, 0.004, 0.005]) == pytest.approx(2.0)
