@@ -65,14 +65,19 @@ def test_quick_report_has_every_table_with_numbers(quick_report):
     assert all(re.fullmatch(NUMBER, cell) for row in apply for cell in row[1:])
     assert "Cost-model rates (surm.execution)" in markdown
 
-    assert set(data) >= {"config", "train", "inference", "apply", "machine", "load_average"}
+    paths = table_rows(markdown, "### Execution paths")
+    assert [row[0] for row in paths] == ["bare layer", "PEFT LoRA r=8", "circulant [structured]", "circulant [dense]"]
+    assert all(row[4] in ("structured", "dense") and row[7] in ("structured", "dense") for row in paths[2:])
+
+    assert set(data) >= {"config", "train", "inference", "paths", "apply", "machine", "load_average"}
     assert data["config"]["quick"] is True
     assert len(data["train"]["PEFT LoRA r=8"]["times_s"]) == 2
     assert data["train"]["surm circulant"]["peak_bytes"] > data["train"]["surm circulant"]["state_bytes"] > 0
 
 
 def test_bad_options_are_reported():
-    with pytest.raises(ValueError, match=r"tables must be a non-empty subset of \('train', 'inference', 'apply'\)"):
+    valid = r"\('train', 'inference', 'apply', 'paths'\)"
+    with pytest.raises(ValueError, match=rf"tables must be a non-empty subset of {valid}"):
         BenchConfig(tables=("train", "speed"))
     with pytest.raises(ValueError, match="repeats must be a positive integer, got 0"):
         BenchConfig(repeats=0)

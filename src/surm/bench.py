@@ -8,6 +8,9 @@
 * **inference**: forward of the base model, of unmerged adapters and of the merged model (``merge_and_unload``).
 * **apply**: each family's fast apply against a dense product ``x @ W.T`` of the same shape, for n = 256 ... 8192
   and 64 ... 4096 tokens, with the growth exponent in n fitted by least squares on log time.
+* **paths**: the two execution paths of :mod:`surm.execution` on one adapted 384 x 384 layer (MiniLM's query) and
+  2048 tokens, training (forward + backward) and inference, beside PEFT LoRA on the same layer: the measured time
+  of each path, the cost model's estimate and the path ``auto`` takes.
 
 Timing: every configuration of a table lives in the same process and the repeats are interleaved (round robin,
 rotating the order each round), so a change of machine load hits all of them alike; each cell is the median after
@@ -38,7 +41,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-TABLES: tuple[str, ...] = ("train", "inference", "apply")
+TABLES: tuple[str, ...] = ("train", "inference", "apply", "paths")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
 #: The anchor of DESIGN.md section 3: MiniLM, batch 32 x 64 tokens, query and value adapted.
@@ -249,7 +252,8 @@ def train_entries(config: BenchConfig) -> list[Entry]:
         Entry("PEFT LoRA r=8", "peft", lambda base: _peft_model(base, _lora_config())),
     ]
     for block in (64, 384) if not config.quick else ():
-        entries.append(Entry(f"PEFT C3A block {block}", "peft", lambda base, b=block: _peft_model(base, _c3a_config(b))))
+        build = (lambda base, b=block: _peft_model(base, _c3a_config(b)))
+        entries.append(Entry(f"PEFT C3A block {block}", "peft", build))
     for family in _families(config):
         executions = ("auto", "structured", "dense") if config.paths else ("auto",)
         for execution in executions:
@@ -557,6 +561,111 @@ def apply_tables(results: dict[str, Any], config: BenchConfig) -> str:
     return "\n".join(lines)
 
 
+# -- execution paths on one layer ---------------------------------------------------------------------------------
+
+
+class _OneLayer(nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(features, features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.query(x)
+
+
+def run_paths(config: BenchConfig) -> dict[str, Any]:
+    """Each family with each path forced, on one frozen Linear, timed against the bare layer and PEFT LoRA."""
+    import peft
+
+    from .execution import path_seconds
+    from .insertion import DeltaUpdate
+    from .peft import SurmConfig
+    from .peft.layer import SurmLayer
+    from .structures import STRUCTURES
+
+    features, tokens = (64, 64) if config.quick else (384, BATCH * SEQUENCE)
+    device = config.device
+    torch.manual_seed(0)
+    base = _OneLayer(features).to(device).requires_grad_(False)
+    x = torch.randn(tokens, features, device=device)
+    probe = torch.randn(tokens, features, device=device)
+    layers: dict[str, nn.Module] = {"base layer": base, "PEFT LoRA r=8": peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query"]))}
+    rows: dict[str, dict[str, Any]] = {"base layer": {}, "PEFT LoRA r=8": {}}
+    for family in _families(config) if config.quick else STRUCTURES:
+        for execution in ("structured", "dense"):
+            label = f"{family} [{execution}]"
+            model = peft.get_peft_model(copy.deepcopy(base), SurmConfig(structure=family, target_modules=["query"],
+                                                                        init_weights=False, execution=execution))
+            layers[label] = model
+            layer = next(m for m in model.modules() if isinstance(m, SurmLayer))
+            matrix = layer.surm_delta["default"].matrix
+            rows[label] = {"family": family, "execution": execution, "model_ms": {
+                mode: 1e3 * path_seconds(matrix, tokens, folded=True, backward=mode == "train",
+                                         device_type=device)[execution] for mode in ("train", "inference")}}
+            auto = DeltaUpdate(matrix)  # the same M under execution="auto"
+            with torch.enable_grad():
+                rows[label]["auto_train"] = auto.path(x.detach().requires_grad_(True), folded=True)
+            with torch.no_grad():
+                rows[label]["auto_inference"] = auto.path(x, folded=True)
+
+    def train_step(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            inputs = x.detach().requires_grad_(True)  # gradients flow through, as from the layers above
+            (model(inputs) * probe).sum().backward()
+            for parameter in model.parameters():
+                parameter.grad = None
+
+        return run
+
+    def inference(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                model(x)
+
+        return run
+
+    repeats = max(config.repeats, 3 if config.quick else 20)
+    train = time_interleaved({k: train_step(m) for k, m in layers.items()}, config.warmup, repeats, device)
+    infer = time_interleaved({k: inference(m) for k, m in layers.items()}, config.warmup, repeats, device)
+    for label in layers:
+        rows[label]["train_s"], rows[label]["inference_s"] = train[label], infer[label]
+    return {"features": features, "tokens": tokens, "rows": rows}
+
+
+def paths_table(results: dict[str, Any], config: BenchConfig) -> str:
+    rows = results["rows"]
+    base_train = median_ms(rows["base layer"]["train_s"])
+    base_infer = median_ms(rows["base layer"]["inference_s"])
+    lora_train = median_ms(rows["PEFT LoRA r=8"]["train_s"]) - base_train
+    n, tokens = results["features"], results["tokens"]
+    lines = [
+        f"### Execution paths on one {n} x {n} layer, {tokens} tokens ({config.device}, {_threads(config)})",
+        "",
+        "Added time over the bare frozen layer (whose input gradient is computed in both): training = forward + "
+        "backward, inference = forward without gradients. *model* = the cost model's estimate (surm.execution, "
+        "one thread of the reference CPU); *auto* = the path `execution=\"auto\"` takes here.",
+        "",
+        "| adapter | train +ms | train / LoRA's | model train ms | auto (train) | inference +ms | model inference ms "
+        "| auto (inference) |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
+        f"| bare layer | {base_train:.2f} (total) | - | - | - | {base_infer:.2f} (total) | - | - |",
+    ]
+    for label, row in rows.items():
+        if label == "base layer":
+            continue
+        train = median_ms(row["train_s"]) - base_train
+        infer = median_ms(row["inference_s"]) - base_infer
+        model = row.get("model_ms", {})
+        ratio = f"{train / lora_train:.2f}" if lora_train > 0 else "n/a"
+        lines.append(
+            f"| {label} | {train:.2f} | {ratio} | {model.get('train', float('nan')):.2f} "
+            f"| {row.get('auto_train', '-')} "
+            f"| {infer:.2f} | {model.get('inference', float('nan')):.2f} | {row.get('auto_inference', '-')} |"
+        )
+    return "\n".join(lines)
+
+
 # -- the report ----------------------------------------------------------------------------------------------------
 
 
@@ -609,6 +718,9 @@ def run_bench(config: BenchConfig) -> BenchReport:
     if "inference" in config.tables:
         data["inference"] = run_inference(config, base)
         sections.append(inference_table(data["inference"], config))
+    if "paths" in config.tables:
+        data["paths"] = run_paths(config)
+        sections.append(paths_table(data["paths"], config))
     if "apply" in config.tables:
         data["apply"] = run_apply(config)
         sections.append(apply_tables(data["apply"], config))
@@ -619,7 +731,8 @@ def run_bench(config: BenchConfig) -> BenchReport:
         "",
         f"- command: `{config.command or 'surm bench'}`",
         f"- machine: {data['machine']}",
-        f"- started {started}; load average (1, 5, 15 min) at start {load_before}, at end {data['load_average']['end']}",
+        f"- started {started}; load average (1, 5, 15 min) at start {load_before}, "
+        f"at end {data['load_average']['end']}",
         f"- every cell: median of {config.repeats} timed repeats after {config.warmup} warm-up, all configurations of "
         "a table interleaved in one process; IQR = interquartile range of the repeats",
     ]
@@ -627,7 +740,10 @@ def run_bench(config: BenchConfig) -> BenchReport:
 
 
 def write_report(report: BenchReport, path: Path) -> Path:
-    """Write the Markdown to ``path`` and the raw numbers to ``path`` with suffix ``.json``, atomically; returns the latter."""
+    """Write the Markdown to ``path`` and the raw numbers to ``path`` with suffix ``.json``, atomically.
+
+    Returns the path of the JSON file.
+    """
     from .atomic import write_json, write_text
 
     path = Path(path)

@@ -51,14 +51,16 @@ class DeviceRates:
 
 
 #: Rates per device type. CPU: one thread of the reference machine (AMD EPYC, AVX2, PyTorch 2.13 with MKL and
-#: pocketfft), measured with float32 on 2048 x 384 operands by ``benchmarks/bench.py`` ("apply kernels") and the
-#: micro-benchmarks recorded in docs/results/bench_cpu.md: a 384 x 384 x 2048 product 83 GFLOP/s, LoRA-shaped
-#: thin products (one dimension 8 to 24) about 14 GFLOP/s, a length-384 real FFT of 2048 rows 7.5e9 n log2 n per
-#: second, elementwise passes 5e9 numbers per second. With more threads every kind speeds up by a similar factor,
-#: so the choice does not depend on the thread count. CUDA: not calibrated here (no GPU on the reference machine);
-#: the values encode only that large products run near peak while FFTs and small products are memory-bound.
+#: pocketfft), float32, fitted to the adapter's *added* time inside a layer (the "paths" table of ``surm bench``,
+#: 384 x 384, 2048 tokens, docs/results/bench_cpu.md) rather than to isolated kernels: a large product ~83 GFLOP/s;
+#: thin products ~12 GFLOP/s at thinnest dimension 16 (see ``thin_flops``); FFTs ~3.6e9 n log2 n per second
+#: (isolated kernels run twice as fast; in a layer they also pay padding, complex products and cache misses);
+#: elementwise passes ~1.4e9 numbers per second (complex products count two). With more threads every kind speeds
+#: up by a similar factor, so the choice hardly depends on the thread count. CUDA: not calibrated (no GPU on the
+#: reference machine); the values encode only that large products run near peak and FFTs, thin products and
+#: elementwise passes are memory-bound.
 RATES: dict[str, DeviceRates] = {
-    "cpu": DeviceRates(gemm=83e9, small_gemm=14e9, fft=7.5e9, elementwise=5e9),
+    "cpu": DeviceRates(gemm=83e9, small_gemm=12e9, fft=3.6e9, elementwise=1.4e9),
     "cuda": DeviceRates(gemm=40e12, small_gemm=4e12, fft=5e11, elementwise=5e11),
 }
 
@@ -68,6 +70,18 @@ def check_execution(execution: object) -> str:
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
     return execution  # type: ignore[return-value]
+
+
+def path_costs(matrix: StructuredMatrix, tokens: int, *, folded: bool, backward: bool) -> dict[str, Cost]:
+    """The work of each path for applying ``matrix`` to ``tokens`` rows (arguments as :func:`path_seconds`)."""
+    m, n = matrix.out_features, matrix.in_features
+    dense = matrix.dense_cost(backward)
+    if folded:
+        # s · dense(M) added to W0 (and the sum's gradient passed back); the product itself is the base layer's.
+        dense = dense + Cost(elementwise=(2 if backward else 1) * 2 * m * n, gemm=2 * tokens * m * n if backward else 0)
+    else:
+        dense = dense + Cost(gemm=(3 if backward else 1) * 2 * tokens * m * n, elementwise=m * n + tokens * m)
+    return {"structured": matrix.structured_cost(tokens, backward), "dense": dense}
 
 
 def path_seconds(
@@ -88,14 +102,8 @@ def path_seconds(
         ``{"structured": seconds, "dense": seconds}``.
     """
     rates = RATES.get(device_type, RATES["cuda"])
-    m, n = matrix.out_features, matrix.in_features
-    dense = matrix.dense_cost(backward)
-    if folded:
-        # s · dense(M) added to W0 (and the sum's gradient passed back); the product itself is the base layer's.
-        dense = dense + Cost(elementwise=(2 if backward else 1) * 2 * m * n, gemm=2 * tokens * m * n if backward else 0)
-    else:
-        dense = dense + Cost(gemm=(3 if backward else 1) * 2 * tokens * m * n, elementwise=m * n + tokens * m)
-    return {"structured": rates.seconds(matrix.structured_cost(tokens, backward)), "dense": rates.seconds(dense)}
+    costs = path_costs(matrix, tokens, folded=folded, backward=backward)
+    return {path: rates.seconds(cost) for path, cost in costs.items()}
 
 
 def choose_path(

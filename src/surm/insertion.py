@@ -46,7 +46,9 @@ class DeltaUpdate(nn.Module):
         ValueError: for an unknown ``execution`` (naming the valid ones).
     """
 
-    def __init__(self, matrix: StructuredMatrix, alpha: float = 1.0, dropout: float = 0.0, execution: str = "auto") -> None:
+    def __init__(
+        self, matrix: StructuredMatrix, alpha: float = 1.0, dropout: float = 0.0, execution: str = "auto"
+    ) -> None:
         super().__init__()
         self.matrix = matrix
         self.alpha = alpha
@@ -64,8 +66,11 @@ class DeltaUpdate(nn.Module):
         ``folded`` says whether the dense path would share the base layer's product (inside a SurmLayer).
         """
         tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-        backward = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.matrix.parameters()))
-        return choose_path(self.execution, self.matrix, tokens, folded=folded, backward=backward, device_type=x.device.type)
+        trainable = x.requires_grad or any(p.requires_grad for p in self.matrix.parameters())
+        backward = torch.is_grad_enabled() and trainable
+        return choose_path(
+            self.execution, self.matrix, tokens, folded=folded, backward=backward, device_type=x.device.type
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., in_features) -> (..., out_features), in the dtype of x."""

@@ -210,8 +210,10 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         rows = self._delta_input(x) if names else x
         # The dense path folds s · dense(M) into the base product (see surm.execution); the rest add their update.
         folded = [
-            n for n in names
-            if self._can_fold(self.surm_delta[n], x, args, kwargs) and self.surm_delta[n].path(rows, folded=True) == "dense"
+            n
+            for n in names
+            if self._can_fold(self.surm_delta[n], x, args, kwargs)
+            and self.surm_delta[n].path(rows, folded=True) == "dense"
         ]
         if folded:
             weight = self.get_base_layer().weight + sum(self.get_delta_weight(n) for n in folded)

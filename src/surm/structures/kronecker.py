@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_
+from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
 from .options import divisor_nearest_sqrt, divisors, require_positive_int
 
 
@@ -116,7 +116,8 @@ class Kronecker(StructuredMatrix):
         (m1, n1), (m2, n2) = self.factors, self.second_shape
         flops = 2 * tokens * self.terms * (n1 * n2 * m2 + m1 * n1 * m2)  # X B_k^T, then A_k (X B_k^T)
         copies = tokens * self.terms * n1 * m2 + tokens * m1 * m2
-        return Cost(small_gemm=(3 if backward else 1) * flops, elementwise=(2 if backward else 1) * copies)
+        small = thin_flops((3 if backward else 1) * flops, min(m1, n1, m2, n2))
+        return Cost(small_gemm=small, elementwise=(2 if backward else 1) * copies)
 
     def dense_cost(self, backward: bool) -> Cost:
         flops = 2 * self.terms * self.out_features * self.in_features

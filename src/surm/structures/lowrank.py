@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_
+from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
 from .options import require_positive_int
 
 
@@ -55,11 +55,12 @@ class LowRank(StructuredMatrix):
     def structured_cost(self, tokens: int, backward: bool) -> Cost:
         # Forward: x A^T, then h B^T. Backward: four more thin products (grad of h, B, A and x).
         flops = 2 * tokens * self.rank * (self.in_features + self.out_features)
-        return Cost(small_gemm=(3 if backward else 1) * flops, elementwise=tokens * self.out_features)
+        small = thin_flops((3 if backward else 1) * flops, self.rank)
+        return Cost(small_gemm=small, elementwise=tokens * self.out_features)
 
     def dense_cost(self, backward: bool) -> Cost:
         flops = 2 * self.out_features * self.rank * self.in_features
-        return Cost(small_gemm=(3 if backward else 1) * flops)
+        return Cost(small_gemm=thin_flops((3 if backward else 1) * flops, self.rank))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"

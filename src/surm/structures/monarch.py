@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_
+from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
 from .options import require_positive_int
 
 
@@ -66,7 +66,9 @@ class Monarch(StructuredMatrix):
         nblocks, rank, p, s = self.nblocks, self.block_rank, self.block_in, self.block_out
         dtype = compute_dtype(x, self.right)
         lead = x.shape[:-1]
-        h = F.pad(x.to(dtype).reshape(-1, self.in_features), (0, nblocks * p - self.in_features))
+        h = x.to(dtype).reshape(-1, self.in_features)
+        if nblocks * p != self.in_features:  # pad only when needed: the copy would be saved for backward
+            h = F.pad(h, (0, nblocks * p - self.in_features))
         batch = h.shape[0]
         h = torch.bmm(h.view(batch, nblocks, p).transpose(0, 1), self.right.to(dtype).transpose(1, 2))  # (N, b, r_b)
         # P_mid: the flat (k r) layout read as (r k); block l of L takes entry l of every R block.
@@ -91,12 +93,13 @@ class Monarch(StructuredMatrix):
     def structured_cost(self, tokens: int, backward: bool) -> Cost:
         nblocks, rank, p, s = self.nblocks, self.block_rank, self.block_in, self.block_out
         flops = 2 * tokens * nblocks * rank * (p + s)
-        copies = tokens * nblocks * (p + 2 * rank + s)  # pad, the two transposes, P_out
-        return Cost(small_gemm=(3 if backward else 1) * flops, elementwise=(2 if backward else 1) * copies)
+        copies = tokens * (nblocks * p if nblocks * p != self.in_features else 0) + tokens * nblocks * (2 * rank + s)
+        small = thin_flops((3 if backward else 1) * flops, rank)
+        return Cost(small_gemm=small, elementwise=(2 if backward else 1) * copies)
 
     def dense_cost(self, backward: bool) -> Cost:
         flops = 2 * self.out_features * self.nblocks * self.block_rank * self.in_features
-        return Cost(small_gemm=(3 if backward else 1) * flops)
+        return Cost(small_gemm=thin_flops((3 if backward else 1) * flops, self.nblocks * self.block_rank))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nblocks={self.nblocks}, block_rank={self.block_rank}"
