@@ -92,8 +92,9 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_quick_report_on_cuda(tmp_path):
-    assert main(["bench", "--quick", "--device", "cuda", "--tables", "train,apply", "--output", str(tmp_path / "b.md")]) == 0
-    assert "(cuda, " in (tmp_path / "b.md").read_text()
+    output = tmp_path / "b.md"
+    assert main(["bench", "--quick", "--device", "cuda", "--tables", "train,apply", "--output", str(output)]) == 0
+    assert "(cuda, " in output.read_text()
 
 
 def test_helpers():

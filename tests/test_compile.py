@@ -30,7 +30,9 @@ class Tiny(nn.Module):
 
 def surm_layer(name: str, options: dict, execution: str) -> surm.SurmLayer:
     torch.manual_seed(0)
-    config = surm.SurmConfig(structure=name, target_modules=["proj"], init_weights=False, execution=execution, **options)
+    config = surm.SurmConfig(
+        structure=name, target_modules=["proj"], init_weights=False, execution=execution, **options
+    )
     return peft.get_peft_model(Tiny(), config).base_model.model.proj
 
 
