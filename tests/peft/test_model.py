@@ -371,13 +371,16 @@ def test_adapter_mode_refuses_to_merge_and_leaves_the_weights(family, bottleneck
 
 
 def test_merging_only_the_delta_adapters_when_an_adapter_mode_one_exists(x):
-    model = tiny_peft("monarch", init_weights=False, adapter_name="d").eval()
-    model.add_adapter("s", surm.SurmConfig(structure="circulant", mode="adapter", target_modules=list(TINY_TARGETS), init_weights=False))
-    model.base_model.set_adapter(["d", "s"])
+    model = tiny_peft("monarch", init_weights=False, adapter_name="delta").eval()
+    output_adapter = surm.SurmConfig(
+        structure="circulant", mode="adapter", target_modules=list(TINY_TARGETS), init_weights=False
+    )
+    model.add_adapter("output", output_adapter)  # a name inside the prefix "surm_" would make PEFT warn
+    model.base_model.set_adapter(["delta", "output"])
     both = forward(model, x)
-    with pytest.raises(surm.NotMergeableError, match=r"\['s'\]"):
+    with pytest.raises(surm.NotMergeableError, match=r"\['output'\]"):
         model.merge_adapter()
-    model.merge_adapter(adapter_names=["d"])
+    model.merge_adapter(adapter_names=["delta"])
     torch.testing.assert_close(forward(model, x), both, atol=ATOL, rtol=0)
 
 
