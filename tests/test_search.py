@@ -27,6 +27,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from surm.__main__ import main  # noqa: E402
 from surm.search import (  # noqa: E402
+    RUN_SETTINGS,
     Candidate,
     ParameterCounter,
     SearchSettings,
@@ -106,6 +107,15 @@ def test_bad_input_exits_2_before_any_work(tmp_path, flags, message):
     assert "surm search: error:" in err and message in err, err
     assert not (output / "trials").exists()
     assert time.monotonic() - started < 60
+
+
+def test_run_settings_default_to_what_finetune_uses():
+    """A search trial with default settings trains exactly as ``surm finetune`` with default flags would."""
+    from surm.trainer import RunConfig
+
+    search = SearchSettings(output=Path("."), budget=1)
+    run = RunConfig(method=None, output=Path("."))
+    assert {k: getattr(search, k) for k in RUN_SETTINGS} == {k: getattr(run, k) for k in RUN_SETTINGS}
 
 
 def test_parameter_counts_are_exact():

@@ -74,9 +74,11 @@ STUDY_FILE = "study.db"
 DEFAULT_STUDY_NAME = "surm-search"
 #: Statuses of finished trials that did not train (they do not count towards --trials).
 UNTRAINED = ("rejected", "invalid", "duplicate", "surplus")
-#: Search settings that must match for a worker to join an existing study.
-SHARED_SETTINGS = ("model", "dataset", "text_column", "text_pair_column", "label_column", "epochs", "batch_size",
-                   "head_lr", "weight_decay", "warmup_ratio", "max_length", "train_size", "eval_size", "seed",
+#: Search settings that every trial passes on to its RunConfig (the same names and defaults there).
+RUN_SETTINGS = ("model", "dataset", "text_column", "text_pair_column", "label_column", "epochs", "batch_size",
+                "head_lr", "weight_decay", "warmup_ratio", "max_length", "train_size", "eval_size", "device", "seed")
+#: Search settings that must match for a worker to join an existing study (the device may differ per worker).
+SHARED_SETTINGS = (*(k for k in RUN_SETTINGS if k != "device"),
                    "budget", "families", "modes", "delta_targets", "adapter_targets", "lr", "pruner")
 
 
@@ -181,9 +183,7 @@ class SearchSettings:
 
     def run_kwargs(self) -> dict[str, Any]:
         """RunConfig keyword arguments shared by every trial."""
-        keys = ("model", "dataset", "text_column", "text_pair_column", "label_column", "epochs", "batch_size",
-                "head_lr", "weight_decay", "warmup_ratio", "max_length", "train_size", "eval_size", "device", "seed")
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in RUN_SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -853,8 +853,7 @@ def _run_flags(s: SearchSettings) -> list[str]:
     """The finetune flags that reproduce a trial's run settings (the method comes from --config and --lr)."""
     flags = ["--model", s.model, "--dataset", s.dataset]
     defaults = SearchSettings(output=Path("."), budget=1)
-    for key in ("text_column", "text_pair_column", "label_column", "epochs", "batch_size", "head_lr", "weight_decay",
-                "warmup_ratio", "max_length", "train_size", "eval_size", "seed"):
+    for key in (k for k in RUN_SETTINGS if k not in ("model", "dataset", "device")):
         value = getattr(s, key)
         if value is not None and value != getattr(defaults, key) or key in ("epochs", "seed"):
             flags += [f"--{key.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
