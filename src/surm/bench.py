@@ -304,27 +304,32 @@ def _load_base(config: BenchConfig) -> nn.Module:
     return load_text_classifier(config.model, num_labels=2, max_length=config.batch[1]).model.to(config.device)
 
 
+def build_entries(
+    entries: Sequence[Entry], base: nn.Module, config: BenchConfig, *, training: bool
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
+    """Build each entry's model on the device (seed 0, train or eval mode) and its row facts: kind, family, path."""
+    models: dict[str, nn.Module] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        torch.manual_seed(0)
+        model = entry.build(base).to(config.device).train(training)
+        models[entry.label] = model
+        path = execution_paths(model, config.batch, config.device, training) if entry.kind == "surm" else ""
+        info[entry.label] = {"kind": entry.kind, "family": entry.family, "path": path}
+    return models, info
+
+
 def run_train(config: BenchConfig, base: nn.Module) -> dict[str, Any]:
     """Time a training step of every :func:`train_entries` configuration, interleaved; then one step each for memory."""
     device = config.device
     batch = _batch(config, device)
-    rows = config.batch
-    models: dict[str, nn.Module] = {}
+    entries = train_entries(config)
+    models, info = build_entries(entries, base, config, training=True)
     optimizers: dict[str, torch.optim.Optimizer] = {}
-    info: dict[str, dict[str, Any]] = {}
-    for entry in train_entries(config):
-        torch.manual_seed(0)
-        model = entry.build(base).to(device)
-        model.train()
-        models[entry.label] = model
+    for entry in entries:
+        model = models[entry.label]
         optimizers[entry.label] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        info[entry.label] = {
-            "kind": entry.kind,
-            "family": entry.family,
-            "execution": entry.execution,
-            "trainable_params": trainable_parameters(model),
-            "path": execution_paths(model, rows, device, training=True) if entry.kind == "surm" else "",
-        }
+        info[entry.label].update(execution=entry.execution, trainable_params=trainable_parameters(model))
 
     def step(label: str) -> Callable[[], None]:
         model, optimizer = models[label], optimizers[label]
@@ -396,18 +401,7 @@ def inference_entries(config: BenchConfig) -> list[Entry]:
 def run_inference(config: BenchConfig, base: nn.Module) -> dict[str, Any]:
     device = config.device
     batch = {k: v for k, v in _batch(config, device).items() if k != "labels"}
-    models: dict[str, nn.Module] = {}
-    info: dict[str, dict[str, Any]] = {}
-    for entry in inference_entries(config):
-        torch.manual_seed(0)
-        model = entry.build(base).to(device)
-        model.eval()
-        models[entry.label] = model
-        info[entry.label] = {
-            "kind": entry.kind,
-            "family": entry.family,
-            "path": execution_paths(model, config.batch, device, training=False) if entry.kind == "surm" else "",
-        }
+    models, info = build_entries(inference_entries(config), base, config, training=False)
 
     def forward(model: nn.Module) -> Callable[[], None]:
         def run() -> None:
