@@ -475,8 +475,11 @@ def open_storage(url: str, heartbeat: int) -> Any:
                         max_retry=2, inherit_intermediate_values=True),
                 )
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
-                # Workers that start together race to create the tables; the loser finds them on a later try.
-                if attempt == 9 or not isinstance(error, sqlalchemy.exc.IntegrityError) and "locked" not in str(error):
+                # Workers that start together race to create the tables (a unique version row, "table ... already
+                # exists", a locked file); the loser finds them on a later try.
+                racing = isinstance(error, sqlalchemy.exc.IntegrityError) or any(
+                    words in str(error) for words in ("locked", "already exists"))
+                if attempt == 9 or not racing:
                     raise ValueError(f"cannot open --storage {url!r}: {str(error).splitlines()[0]}") from None
                 time.sleep(0.5 + 0.5 * attempt)
             except (ImportError, sqlalchemy.exc.SQLAlchemyError, OSError, ValueError) as error:
