@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from surm.__main__ import main  # noqa: E402
-from surm.bench import BenchConfig, growth_exponent, iqr_ms  # noqa: E402
+from surm.bench import BenchConfig, growth_exponent, iqr_ms, transient_peak_bytes  # noqa: E402
 
 NUMBER = r"-?[0-9][0-9,.e+-]*"
 
@@ -101,3 +101,16 @@ def test_helpers():
     assert growth_exponent([10, 100, 1000], [1, 100, 10000]) == pytest.approx(2.0)
     assert iqr_ms([0.001]) == 0.0
     assert iqr_ms([0.001, 0.002, 0.003, 0.004, 0.005]) == pytest.approx(2.0)
+
+
+def test_memory_probe_measures_the_step_and_prints_nothing(capfd):
+    """The CPU probe (the profiler's allocation trace) sees a 4 MB temporary, and the profiler's backend, which
+    writes a line to the process's stderr at every start and stop, stays silent."""
+    def step():
+        temporary = torch.ones(1024, 1024)  # 4 MiB, freed at return
+        return float(temporary.sum())
+
+    peak = transient_peak_bytes(step, "cpu")
+    assert 4 * 2**20 <= peak < 5 * 2**20
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", err

@@ -23,6 +23,7 @@ step), because process RSS also counts the allocator's caches and the other conf
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -33,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -165,6 +166,20 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send what native code writes to the process's stderr (file descriptor 2) to /dev/null for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def transient_peak_bytes(step: Callable[[], object], device: str) -> int:
     """The most tensor memory held during ``step()`` above what was held when it started."""
     if device == "cuda":
@@ -176,8 +191,14 @@ def transient_peak_bytes(step: Callable[[], object], device: str) -> int:
         return max(torch.cuda.max_memory_allocated() - before, 0)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # Kineto writes a "profiler_start" / "profiler_stop" line to fd 2 each time
+        prof.start()
+    try:
         step()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     with tempfile.TemporaryDirectory() as folder:
         trace = Path(folder) / "trace.json"
         prof.export_chrome_trace(str(trace))

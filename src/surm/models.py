@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ from .data import DatasetSplits, TextExample
 
 #: Models that ship with surm's dependencies: name -> how to find the local folder.
 TEXT_MODEL_ALIASES = ("minilm",)
+# PEFT's get_peft_model reads a deprecated Transformers property (is_gradient_checkpointing) of every model it wraps;
+# the warning is addressed to PEFT, not to surm's users, who would see it on every run, benchmark and trial.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 Collate = Callable[[Sequence[Any]], dict[str, Tensor]]

@@ -12,7 +12,6 @@ import platform
 import resource
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,8 +37,6 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 #: The saved model folder: the PEFT adapter, or the whole model for full fine-tuning.
 MODEL_FOLDERS = ("adapter", "model")
 log = logging.getLogger("surm")
-# PEFT calls this deprecated transformers property while wrapping a model; the warning is not actionable here.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass
