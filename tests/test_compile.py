@@ -14,6 +14,7 @@ from torch import nn
 
 import surm
 
+from .devices import DEVICES
 from .structures.cases import FAMILY_CASES, case_id
 
 PATHS = ("structured", "dense")
@@ -73,22 +74,25 @@ def _cpp_compiler() -> str | None:
     return next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
 
 
-@pytest.mark.skipif(_cpp_compiler() is None, reason="torch.compile's inductor backend needs a C++ compiler on CPU")
-def test_inductor_compiles_every_family():
-    """One module holding every family (both paths), compiled once by inductor, equal to eager."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_inductor_compiles_every_family(device):
+    """One module holding every family (both paths), compiled once by inductor (C++ on CPU, Triton on CUDA), equal
+    to eager."""
     from surm.structures import STRUCTURES
 
+    if device == "cpu" and _cpp_compiler() is None:
+        pytest.skip("torch.compile's inductor backend needs a C++ compiler on CPU")
     torch.manual_seed(0)
     updates = nn.ModuleList(
         surm.DeltaUpdate(surm.structure(name, 10, 12, init="random"), execution=execution)
         for name in STRUCTURES
         for execution in PATHS
-    )
+    ).to(device)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.stack([update(x) for update in updates])
 
     compiled = torch.compile(forward, fullgraph=True)
-    x = torch.randn(5, 12)
+    x = torch.randn(5, 12).to(device)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), forward(x), rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 import surm  # noqa: E402
 from surm.execution import EXECUTIONS, choose_path, path_seconds  # noqa: E402
 
+from .devices import DEVICES  # noqa: E402
 from .structures.cases import FAMILY_CASES, case_id  # noqa: E402
 
 # Square even and odd, rectangular both ways, sizes with no factor 2 or 3.
@@ -30,19 +31,22 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-300))
 
 
-def delta(name: str, options: dict, m: int, n: int, execution: str, alpha: float = 0.7) -> surm.DeltaUpdate:
+def delta(
+    name: str, options: dict, m: int, n: int, execution: str, alpha: float = 0.7, device: str = "cpu"
+) -> surm.DeltaUpdate:
     torch.manual_seed(0)
     matrix = surm.structure(name, m, n, init="random", **options).double()
-    return surm.DeltaUpdate(matrix, alpha=alpha, execution=execution)
+    return surm.DeltaUpdate(matrix, alpha=alpha, execution=execution).to(device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("name", "options", "m", "n"), CASES, ids=IDS)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("lead", [(4,), (2, 3)], ids=["2d", "3d"])
-def test_delta_update_paths_equal_the_dense_form(name, options, m, n, path, lead):
-    update = delta(name, options, m, n, path)
-    x = torch.randn(*lead, n, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(*lead, m, dtype=torch.float64)
+def test_delta_update_paths_equal_the_dense_form(name, options, m, n, path, lead, device):
+    update = delta(name, options, m, n, path, device=device)
+    x = torch.randn(*lead, n, dtype=torch.float64).to(device).requires_grad_(True)
+    weights = torch.randn(*lead, m, dtype=torch.float64).to(device)
     params = dict(update.named_parameters())
     assert update.path(x) == path
 

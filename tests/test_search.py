@@ -12,8 +12,8 @@ import contextlib
 import io
 import json
 import os
-import signal
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -279,19 +279,18 @@ def test_two_workers_share_one_study(tmp_path):
 
 def test_killed_search_resumes_without_redoing_finished_trials(tmp_path):
     output = tmp_path / "killed"
-    worker = spawn(*search_args(output, 3), log=tmp_path / "first.log")
+    log = tmp_path / "first.log"
+    worker = spawn(*search_args(output, 3), log=log)
     deadline = time.monotonic() + 600
-    study = None
     while True:  # kill it in the middle of training, after at least one trial completed
         time.sleep(0.2)
-        assert worker.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert worker.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no trial completed while another trained within 600 s:\n" + (
-            tmp_path / "first.log").read_text()[-3000:]
+            log.read_text()[-3000:])
         if not (output / "study.db").exists():
             continue
         try:
-            study = load(output)
-            trials = study.get_trials()
+            trials = load(output).get_trials()
         except Exception:  # the study is not created yet
             continue
         if any(t.state == TrialState.COMPLETE for t in trials) and any(

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 import surm
 
+from ..devices import DEVICES
 from .common import adapter_parameters, max_diff, surm_layers, tiny_peft
 from .helpers import (
     FAMILIES,
@@ -54,9 +55,11 @@ def assert_same_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.
 # -- 1. merged == unmerged == merge_and_unload, all different from the base model ---------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_delta_merged_unmerged_and_merge_and_unload_agree(family, x, base_output):
-    model = tiny_peft(family, init_weights=False).eval()
+def test_delta_merged_unmerged_and_merge_and_unload_agree(family, x, base_output, device):
+    x, base_output = x.to(device), base_output.to(device)
+    model = tiny_peft(family, init_weights=False).eval().to(device)
     unmerged = forward(model, x)
     assert max_diff(unmerged, base_output) > 1e-3, "a non-identity init must change the output"
     model.merge_adapter()
@@ -155,9 +158,11 @@ def perturb_classifier(model: PeftModel, name: str = "default") -> None:
             p.add_(0.25)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family, mode, bottleneck", FAMILY_MODES, ids=FAMILY_MODE_IDS)
-def test_save_and_load_restores_the_outputs_exactly(family, mode, bottleneck, x, tmp_path):
-    model = tiny_peft(family, mode, bottleneck, init_weights=False, modules_to_save=["classifier"]).eval()
+def test_save_and_load_restores_the_outputs_exactly(family, mode, bottleneck, x, tmp_path, device):
+    x = x.to(device)
+    model = tiny_peft(family, mode, bottleneck, init_weights=False, modules_to_save=["classifier"]).eval().to(device)
     perturb_classifier(model)
     expected = forward(model, x)
     model.save_pretrained(tmp_path)
@@ -175,7 +180,7 @@ def test_save_and_load_restores_the_outputs_exactly(family, mode, bottleneck, x,
     assert all(t.dtype == torch.float32 for t in state.values())
 
     for name in ("default", "other"):
-        loaded = PeftModel.from_pretrained(make_tiny(), tmp_path, adapter_name=name).eval()
+        loaded = PeftModel.from_pretrained(make_tiny(), tmp_path, adapter_name=name).eval().to(device)
         assert isinstance(loaded.base_model, surm.SurmModel)
         assert loaded.active_adapters == [name]
         assert isinstance(loaded.peft_config[name], surm.SurmConfig)
@@ -557,12 +562,14 @@ def test_bfloat16_adapters_added_later_and_loaded_are_float32(tmp_path):
     assert all(p.dtype == torch.float32 for p in adapter_parameters(loaded).values())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family, mode, bottleneck", FAMILY_MODES, ids=FAMILY_MODE_IDS)
-def test_autocast_bfloat16(family, mode, bottleneck, x):
-    model = tiny_peft(family, mode, bottleneck, init_weights=False).eval()
+def test_autocast_bfloat16(family, mode, bottleneck, x, device):
+    x = x.to(device)
+    model = tiny_peft(family, mode, bottleneck, init_weights=False).eval().to(device)
     reference = forward(model, x)
     model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = model(x)
     assert out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()

@@ -1,4 +1,5 @@
-"""Every family's fast apply against its dense materialisation, in float64, values and gradients."""
+"""Every family's fast apply against its dense materialisation, in float64, values and gradients, on the CPU and
+(where present) a CUDA device, whose result must also equal the CPU's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch.func import functional_call
 
 import surm
 
+from ..devices import DEVICES
 from .cases import FAMILY_CASES, KRONECKER_RANK_CASES, SHAPES, case_id
 
 ALL_CASES = [(name, options, m, n) for name, options in FAMILY_CASES for m, n in SHAPES] + [
@@ -16,34 +18,41 @@ ALL_CASES = [(name, options, m, n) for name, options in FAMILY_CASES for m, n in
 IDS = [f"{case_id((name, options))}-{m}x{n}" for name, options, m, n in ALL_CASES]
 
 
-def build(name: str, options: dict, m: int, n: int, init: str = "random", seed: int = 0) -> surm.StructuredMatrix:
+def build(
+    name: str, options: dict, m: int, n: int, init: str = "random", seed: int = 0, device: str = "cpu"
+) -> surm.StructuredMatrix:
     torch.manual_seed(seed)
-    return surm.structure(name, m, n, init=init, **options).double()
+    return surm.structure(name, m, n, init=init, **options).double().to(device)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-300))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("name", "options", "m", "n"), ALL_CASES, ids=IDS)
 @pytest.mark.parametrize("lead", [(), (3,), (2, 3)], ids=["1d", "2d", "3d"])
-def test_fast_apply_equals_dense(name, options, m, n, lead):
-    module = build(name, options, m, n)
-    x = torch.randn(*lead, n, dtype=torch.float64)
+def test_fast_apply_equals_dense(name, options, m, n, lead, device):
+    module = build(name, options, m, n, device=device)
+    x = torch.randn(*lead, n, dtype=torch.float64).to(device)
     with torch.no_grad():
         fast = module(x)
         reference = x @ module.dense().T
     assert fast.shape == (*lead, m)
-    assert fast.dtype == torch.float64
+    assert fast.dtype == torch.float64 and fast.device == x.device
     assert reference.abs().max() > 0, "a random init must give a non-zero M"
     assert relative_error(fast, reference) < 1e-10
+    if device != "cpu":
+        with torch.no_grad():
+            assert relative_error(fast.cpu(), build(name, options, m, n)(x.cpu())) < 1e-10
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("name", "options", "m", "n"), ALL_CASES, ids=IDS)
-def test_gradients_equal_dense_gradients(name, options, m, n):
-    module = build(name, options, m, n)
-    x = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(2, 3, m, dtype=torch.float64)
+def test_gradients_equal_dense_gradients(name, options, m, n, device):
+    module = build(name, options, m, n, device=device)
+    x = torch.randn(2, 3, n, dtype=torch.float64).to(device).requires_grad_(True)
+    weights = torch.randn(2, 3, m, dtype=torch.float64).to(device)
     params = dict(module.named_parameters())
 
     fast_grads = torch.autograd.grad((module(x) * weights).sum(), [x, *params.values()])
@@ -53,12 +62,13 @@ def test_gradients_equal_dense_gradients(name, options, m, n):
         assert relative_error(fast, dense) < 1e-10, label
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("name", "options", "m", "n"), ALL_CASES, ids=IDS)
-def test_gradcheck(name, options, m, n):
-    module = build(name, options, m, n)
+def test_gradcheck(name, options, m, n, device):
+    module = build(name, options, m, n, device=device)
     names = [k for k, _ in module.named_parameters()]
     params = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
-    x = torch.randn(2, n, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, n, dtype=torch.float64).to(device).requires_grad_(True)
 
     def apply(x, *values):
         return functional_call(module, dict(zip(names, values)), (x,))
@@ -89,14 +99,17 @@ def test_reset_parameters_restores_init(name, options):
     assert module.dense().abs().max() == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("name", "options"), FAMILY_CASES, ids=[case_id(c) for c in FAMILY_CASES])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_lower_precision_inputs(name, options, dtype):
+def test_lower_precision_inputs(name, options, dtype, device):
+    """Half-precision inputs at sizes that are not powers of two (cuFFT runs half precision only at powers of two;
+    the FFT families compute in float32 and cast back)."""
     torch.manual_seed(0)
-    module = surm.structure(name, 12, 18, init="random", **options)  # float32 parameters
-    x = torch.randn(4, 18)
+    module = surm.structure(name, 12, 18, init="random", **options).to(device)  # float32 parameters
+    x = torch.randn(4, 18).to(device)
     y = module(x.to(dtype))
-    assert y.dtype == dtype
+    assert y.dtype == dtype and y.device == x.device
     reference = x.to(dtype).float() @ module.dense().T
     tolerance = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype]
     assert relative_error(y.float(), reference) < tolerance
