@@ -11,12 +11,12 @@ import peft  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.func import functional_call  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import surm  # noqa: E402
 from surm.execution import EXECUTIONS, choose_path, path_seconds  # noqa: E402
 
+from .checks import gradcheck_module, relative_error  # noqa: E402
 from .devices import DEVICES  # noqa: E402
 from .structures.cases import FAMILY_CASES, case_id  # noqa: E402
 
@@ -25,10 +25,6 @@ SHAPES = [(8, 8), (7, 7), (5, 9), (10, 6), (13, 11)]
 CASES = [(name, options, m, n) for name, options in FAMILY_CASES for m, n in SHAPES]
 IDS = [f"{case_id((name, options))}-{m}x{n}" for name, options, m, n in CASES]
 PATHS = ("structured", "dense")
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-300))
 
 
 def delta(
@@ -66,14 +62,7 @@ def test_delta_update_paths_equal_the_dense_form(name, options, m, n, path, lead
 def test_dense_path_gradcheck(name, options, m, n):
     """The gradient of the dense path (through dense(): unfold, einsum, FFT on columns) against finite differences."""
     update = delta(name, options, m, n, "dense")
-    names = [k for k, _ in update.named_parameters()]
-    params = [p.detach().clone().requires_grad_(True) for p in update.parameters()]
-    x = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
-
-    def apply(x, *values):
-        return functional_call(update, dict(zip(names, values)), (x,))
-
-    assert torch.autograd.gradcheck(apply, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert gradcheck_module(update, torch.randn(3, n, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("path", PATHS)

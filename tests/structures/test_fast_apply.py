@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import surm
 
+from ..checks import gradcheck_module, relative_error
 from ..devices import DEVICES
 from .cases import FAMILY_CASES, KRONECKER_RANK_CASES, SHAPES, case_id
 
@@ -23,10 +23,6 @@ def build(
 ) -> surm.StructuredMatrix:
     torch.manual_seed(seed)
     return surm.structure(name, m, n, init=init, **options).double().to(device)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-300))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -66,14 +62,7 @@ def test_gradients_equal_dense_gradients(name, options, m, n, device):
 @pytest.mark.parametrize(("name", "options", "m", "n"), ALL_CASES, ids=IDS)
 def test_gradcheck(name, options, m, n, device):
     module = build(name, options, m, n, device=device)
-    names = [k for k, _ in module.named_parameters()]
-    params = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
-    x = torch.randn(2, n, dtype=torch.float64).to(device).requires_grad_(True)
-
-    def apply(x, *values):
-        return functional_call(module, dict(zip(names, values)), (x,))
-
-    assert torch.autograd.gradcheck(apply, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert gradcheck_module(module, torch.randn(2, n, dtype=torch.float64).to(device))
 
 
 @pytest.mark.parametrize(("name", "options"), FAMILY_CASES, ids=[case_id(c) for c in FAMILY_CASES])
