@@ -109,8 +109,19 @@ def path_seconds(
 def choose_path(
     execution: str, matrix: StructuredMatrix, tokens: int, *, folded: bool, backward: bool, device_type: str = "cpu"
 ) -> str:
-    """The path to take: ``execution`` itself if it forces one, else the cheaper by :func:`path_seconds`."""
+    """The path to take: ``execution`` itself if it forces one, else the cheaper by :func:`path_seconds`.
+
+    With no rows (``tokens=0``, an empty batch) ``"auto"`` takes the structured path: it does no work at all, where
+    the dense path would still build dense(M).
+
+    Raises:
+        ValueError: if ``tokens`` is negative.
+    """
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0 (the rows of x), got {tokens!r}")
     if execution != "auto":
         return execution
+    if tokens == 0:
+        return "structured"
     seconds = path_seconds(matrix, tokens, folded=folded, backward=backward, device_type=device_type)
     return "dense" if seconds["dense"] < seconds["structured"] else "structured"

@@ -105,13 +105,15 @@ class OutputAdapter(nn.Module):
         features: d, the size of h.
         name: the structured family of S (or D and U).
         options: family options.
-        bottleneck: k, or None for the single d x d map.
+        bottleneck: k, 1 <= k <= d (a wider "bottleneck" adds parameters, not expressiveness), or None for the
+            single d x d map.
         activation: one of ``gelu``, ``tanh``, ``silu``, ``identity``.
         dropout: dropout probability on h before the map.
         identity_init: True for the identity at start; False for a random, non-identity adapter.
 
     Raises:
-        ValueError: for an unknown activation (naming the valid ones).
+        ValueError: for an unknown activation (naming the valid ones), or a bottleneck outside 1..d; both are
+            checked before anything is allocated.
     """
 
     def __init__(
@@ -127,6 +129,13 @@ class OutputAdapter(nn.Module):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if bottleneck is not None and (
+            isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or not 1 <= bottleneck <= features
+        ):
+            raise ValueError(
+                f"bottleneck must be None or an integer in 1..{features} (at most the features d={features}), "
+                f"got {bottleneck!r}"
+            )
         self.features = features
         self.bottleneck = bottleneck
         self.activation = activation

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 import warnings
 
 import pytest
@@ -11,6 +13,8 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 import surm
+from surm.execution import EXECUTIONS, choose_path
+from surm.insertion import DeltaUpdate, OutputAdapter
 from surm.peft.layer import NotMergeableError, SurmLayer
 
 from .common import max_diff
@@ -392,3 +396,93 @@ def test_disabled_layer_returns_the_base_output_and_unmerges():
         torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
         layer.enable_adapters(True)
         assert max_diff(layer(x), base) > 1e-3
+
+
+# -- empty batches -------------------------------------------------------------------------------------------------
+
+#: Inputs with no rows for each base layer kind: (features last) for Linear and Conv1D, (N, C, H, W) for Conv2d.
+EMPTY_INPUTS = {"linear": [(0, 6), (2, 0, 6), (0, 3, 6)], "conv1d": [(0, 6), (2, 0, 6)], "conv2d": [(0, 6, 3, 3)]}
+
+
+def assert_zero_gradients(module: nn.Module) -> None:
+    """Every trainable parameter got a gradient (not None) of its own shape, and it is zero."""
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable
+    for name, p in trainable.items():
+        assert p.grad is not None and p.grad.shape == p.shape, name
+        assert torch.count_nonzero(p.grad) == 0, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_delta_update_and_output_adapter_accept_an_empty_batch(family):
+    update = DeltaUpdate(surm.structure(family, 10, 6, init="random"), alpha=2.0, dropout=0.1).train()
+    adapter = OutputAdapter(12, family, {}, identity_init=False).train()
+    bottleneck = OutputAdapter(12, family, {}, bottleneck=4, identity_init=False, dropout=0.1).train()
+    for module, features, out in ((update, 6, 10), (adapter, 12, 12), (bottleneck, 12, 12)):
+        for lead in [(0,), (2, 0), (0, 3)]:
+            x = torch.randn(*lead, features, requires_grad=True)
+            y = module(x)
+            assert y.shape == (*lead, out) and y.dtype == x.dtype
+            module.zero_grad(set_to_none=True)
+            y.sum().backward()
+            assert x.grad is not None and x.grad.shape == x.shape
+            assert_zero_gradients(module)
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("make_base", [linear, conv1d, conv2d], ids=["linear", "conv1d", "conv2d"])
+def test_delta_layer_on_an_empty_batch(make_base, family, execution):
+    layer = make_layer(make_base(), family, execution=execution).train()
+    kind = layer.kind
+    for shape in EMPTY_INPUTS[kind]:
+        x = torch.randn(*shape)
+        out = layer(x)
+        with torch.no_grad():
+            assert out.shape == layer.base_layer(x).shape and out.dtype == x.dtype, shape
+        layer.zero_grad(set_to_none=True)
+        out.sum().backward()
+        assert_zero_gradients(layer)
+        if execution == "auto":  # no rows: the structured path does no work at all, the dense one would build M
+            assert layer.surm_delta["a"].path(layer._delta_input(x), folded=True) == "structured"
+
+
+@pytest.mark.parametrize("bottleneck", [None, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_mode_layer_on_an_empty_batch(family, bottleneck):
+    layer = make_layer(linear(10, 6), family, mode="adapter", bottleneck=bottleneck).train()
+    for shape in EMPTY_INPUTS["linear"]:
+        out = layer(torch.randn(*shape))
+        assert out.shape == (*shape[:-1], 10)
+        layer.zero_grad(set_to_none=True)
+        out.sum().backward()
+        assert_zero_gradients(layer)
+
+
+def test_the_execution_path_for_no_rows_is_structured_unless_forced():
+    matrix = surm.structure("circulant", 384, 384)
+    for folded in (True, False):
+        for backward in (True, False):
+            assert choose_path("auto", matrix, 0, folded=folded, backward=backward) == "structured"
+            assert choose_path("dense", matrix, 0, folded=folded, backward=backward) == "dense"
+    with pytest.raises(ValueError, match=r"tokens must be >= 0 \(the rows of x\), got -1"):
+        choose_path("auto", matrix, -1, folded=True, backward=False)
+
+
+# -- bottleneck bounds ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bottleneck", [0, -1, 13, 10**9, 2.5, True, "4"])
+def test_a_bottleneck_outside_one_to_d_is_refused_before_allocating(bottleneck):
+    start = time.perf_counter()
+    valid = r"must be None or an integer in 1\.\.12 \(at most the features d=12\)"
+    message = rf"^bottleneck {valid}, got {re.escape(repr(bottleneck))}$"
+    with pytest.raises(ValueError, match=message):
+        OutputAdapter(12, "lowrank", {}, bottleneck=bottleneck)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("bottleneck", [1, 12])
+def test_a_bottleneck_up_to_d_is_allowed(bottleneck):
+    adapter = OutputAdapter(12, "lowrank", {"rank": 1}, bottleneck=bottleneck)
+    assert (adapter.down.out_features, adapter.up.in_features) == (bottleneck, bottleneck)

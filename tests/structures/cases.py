@@ -1,8 +1,14 @@
-"""Families, options and shapes shared by the structure tests, with parameter counts written out independently."""
+"""Families, options and shapes shared by the structure tests, with parameter counts written out independently, and
+the check that an oversized option is refused before it is allocated."""
 
 from __future__ import annotations
 
 import math
+import resource
+import time
+from typing import Callable
+
+import pytest
 
 # (family, options): every parameterisation of every family.
 FAMILY_CASES: list[tuple[str, dict]] = [
@@ -65,3 +71,19 @@ def expected_parameters(name: str, options: dict, m: int, n: int) -> int:
         blocks, rank = options.get("nblocks", 4), options.get("block_rank", 4)
         return rank * blocks * (math.ceil(n / blocks) + math.ceil(m / blocks))
     raise AssertionError(f"no formula for {name}")
+
+
+#: A size option far beyond any matrix's max(m, n): allocating it would take gigabytes (rank 10**8 on 16 x 16 lowrank
+#: is 12.6 GB), so the family must refuse it before allocating anything.
+HUGE = 10**8
+
+
+def assert_refused_quickly(build: Callable[[], object], match: str) -> None:
+    """``build()`` raises a one-line ValueError matching ``match`` within a second and without a memory peak."""
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match) as error:
+        build()
+    assert time.perf_counter() - start < 1.0, "the refusal must come before any large allocation"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024, "memory peaked"
+    assert "\n" not in str(error.value)

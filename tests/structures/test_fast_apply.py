@@ -110,3 +110,40 @@ def test_float64_parameters_with_float32_input_compute_in_float64():
     y = module(x)
     assert y.dtype == torch.float32
     assert relative_error(y.double(), x.double() @ module.dense().T) < 1e-7
+
+
+#: Leading shapes with no rows: (0, n), (0, 3, n), (2, 0, n), (3, 0, 2, n).
+EMPTY_LEADS = [(0,), (0, 3), (2, 0), (3, 0, 2)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("name", "options", "m", "n"), ALL_CASES, ids=IDS)
+def test_empty_batches_equal_the_dense_form_with_zero_gradients(name, options, m, n, device):
+    """No rows: an empty (..., m) result in x's dtype and device, and the dense form's gradients (an empty one for x,
+    zeros of the parameters' shapes), where the FFT families used to stop with MKL's "inconsistent configuration"."""
+    module = build(name, options, m, n, device=device)
+    params = dict(module.named_parameters())
+    for lead in EMPTY_LEADS:
+        x = torch.randn(*lead, n, dtype=torch.float64).to(device).requires_grad_(True)
+        fast = module(x)
+        reference = x @ module.dense().T
+        assert fast.shape == (*lead, m), lead
+        assert fast.dtype == torch.float64 and fast.device == x.device
+        assert torch.equal(fast, reference)
+        weights = torch.randn(*lead, m, dtype=torch.float64).to(device)
+        # every parameter must be in the graph: autograd.grad raises for one that is not (no allow_unused)
+        fast_grads = torch.autograd.grad((fast * weights).sum(), [x, *params.values()])
+        dense_grads = torch.autograd.grad((reference * weights).sum(), [x, *params.values()])
+        for label, fast_grad, dense_grad in zip(["x", *params], fast_grads, dense_grads):
+            assert fast_grad.shape == dense_grad.shape == (x if label == "x" else params[label]).shape, (lead, label)
+            assert fast_grad.dtype == torch.float64 and fast_grad.device == x.device, (lead, label)
+            assert torch.equal(fast_grad, dense_grad) and torch.count_nonzero(fast_grad) == 0, (lead, label)
+
+
+@pytest.mark.parametrize(("name", "options"), FAMILY_CASES, ids=[case_id(c) for c in FAMILY_CASES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_empty_batches_in_lower_precision_keep_the_dtype(name, options, dtype):
+    module = surm.structure(name, 12, 18, init="random", **options)
+    with torch.no_grad():
+        y = module(torch.zeros(0, 5, 18, dtype=dtype))
+    assert y.shape == (0, 5, 12) and y.dtype == dtype

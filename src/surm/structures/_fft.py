@@ -41,10 +41,18 @@ class CircularConvolution(torch.autograd.Function):
     circulant of the reversed kernel: a correlation), grad_kernel = irfft(sum_batch G * conj(rfft(x)))[..., :k].
     Both are exact (real circular correlations), so this matches plain autograd to rounding; it is differentiable
     again (double backward goes through the ops of ``backward``).
+
+    Zero-size operands (an empty batch, e.g. x of shape (0, n) or (2, 0, n)): the FFT libraries refuse them (MKL's
+    "inconsistent configuration"), and the result is known without transforming anything, so forward returns zeros
+    of the broadcast shape (..., L) (empty when the batch is) and backward returns zero gradients of the operands'
+    shapes: a sum over no rows is zero.
     """
 
     @staticmethod
     def forward(kernel: Tensor, x: Tensor, length: int) -> Tensor:  # type: ignore[override]
+        if kernel.numel() == 0 or x.numel() == 0:
+            shape = torch.broadcast_shapes(kernel.shape[:-1], x.shape[:-1])
+            return x.new_zeros((*shape, length), dtype=torch.result_type(kernel, x))
         spectrum = torch.fft.rfft(kernel, n=length)
         return torch.fft.irfft(spectrum * torch.fft.rfft(x, n=length), n=length)
 
@@ -58,6 +66,10 @@ class CircularConvolution(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         kernel, x = ctx.saved_tensors
         length = ctx.length
+        if grad.numel() == 0 or kernel.numel() == 0 or x.numel() == 0:
+            grad_kernel = torch.zeros_like(kernel) if ctx.needs_input_grad[0] else None
+            grad_x = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
+            return grad_kernel, grad_x, None
         grad_hat = torch.fft.rfft(grad, n=length)
         grad_kernel = grad_x = None
         if ctx.needs_input_grad[1]:
@@ -79,7 +91,8 @@ def circular_convolution(kernel: Tensor, x: Tensor, length: int) -> Tensor:
     ``circ(c)_{ij} = c_{(i-j) mod length}``, applied as ``irfft(rfft(c) * rfft(x))``. ``kernel`` has shape
     (..., k) with k <= length and broadcasts against ``x`` (..., n), n <= length; the result has
     ``length`` entries in its last dimension (the caller truncates it). ``n=length`` is passed to irfft,
-    so odd lengths keep their last entry. Gradients: see :class:`CircularConvolution`.
+    so odd lengths keep their last entry. An empty batch gives an empty result (no FFT is run). Gradients: see
+    :class:`CircularConvolution`.
     """
     return CircularConvolution.apply(kernel, x, length)
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
-from .options import divisor_nearest_sqrt, divisors, require_positive_int
+from .options import divisor_nearest_sqrt, divisors, require_positive_int, require_size_option
 
 
 class Kronecker(StructuredMatrix):
@@ -31,12 +31,13 @@ class Kronecker(StructuredMatrix):
         in_features: n.
         factors: (m1, n1), the shape of each A_k; None for the default.
         rank: SURM's r, an alternative to ``factors``.
-        terms: K, the number of Kronecker products summed.
+        terms: K, the number of Kronecker products summed, 1 <= K <= max(m, n).
         init: ``"zero"`` or ``"random"``.
 
     Raises:
         ValueError: if the factors do not divide the shape (naming the valid divisors), if both
-            ``factors`` and ``rank`` are given, or if ``terms`` is not a positive integer.
+            ``factors`` and ``rank`` are given, or if ``terms`` is not an integer in 1..max(m, n) (checked before
+            allocating).
     """
 
     def __init__(
@@ -49,7 +50,7 @@ class Kronecker(StructuredMatrix):
         init: Init = "zero",
     ) -> None:
         super().__init__(out_features, in_features, init)
-        self.terms = require_positive_int("terms", terms)
+        self.terms = require_size_option("kronecker", "terms", terms, out_features, in_features)
         self.factors = self._choose_factors(out_features, in_features, factors, rank)
         m1, n1 = self.factors
         self.second_shape = (out_features // m1, in_features // n1)

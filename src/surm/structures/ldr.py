@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ._fft import circular_convolution, circular_convolution_work, fast_fft_length, toeplitz_dense
 from .base import Cost, Init, StructuredMatrix, compute_dtype
-from .options import require_positive_int
+from .options import require_size_option
 
 #: Standard deviation of the skew-circulant vectors in the SURM code's init.
 SURM_SKEW_STD = 0.02
@@ -43,18 +43,20 @@ class LowDisplacementRank(StructuredMatrix):
     Args:
         out_features: m.
         in_features: n.
-        displacement_rank: r.
+        displacement_rank: r, 1 <= r <= N.
         init: ``"zero"`` or ``"random"``.
 
     Raises:
-        ValueError: if ``displacement_rank`` is not a positive integer.
+        ValueError: if ``displacement_rank`` is not an integer in 1..N (checked before allocating).
     """
 
     def __init__(
         self, out_features: int, in_features: int, displacement_rank: int = 1, init: Init = "zero"
     ) -> None:
         super().__init__(out_features, in_features, init)
-        self.displacement_rank = require_positive_int("displacement_rank", displacement_rank)
+        self.displacement_rank = require_size_option(
+            "ldr", "displacement_rank", displacement_rank, out_features, in_features
+        )
         self.size = max(out_features, in_features)
         self.circulant_columns = nn.Parameter(torch.empty(displacement_rank, self.size))
         self.skew_columns = nn.Parameter(torch.empty(displacement_rank, self.size))

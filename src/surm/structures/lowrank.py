@@ -6,13 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
-from .options import require_positive_int
+from .options import require_size_option
 
 
 class LowRank(StructuredMatrix):
     """M = B A with B in R^{m x r}, A in R^{r x n} (Hu et al. 2021, LoRA).
 
-    Applied as two matmuls, ``y = (x A^T) B^T``. Parameters: ``r (m + n)``. Any m, n, and r >= 1.
+    Applied as two matmuls, ``y = (x A^T) B^T``. Parameters: ``r (m + n)``. Any m, n, and 1 <= r <= max(m, n)
+    (rank(M) <= min(m, n) whatever r; the bound only stops absurd allocations).
     Init ``"zero"``: A Kaiming-uniform (a = sqrt(5)), B = 0, as in LoRA.
 
     Args:
@@ -22,12 +23,12 @@ class LowRank(StructuredMatrix):
         init: ``"zero"`` or ``"random"``.
 
     Raises:
-        ValueError: if ``rank`` is not a positive integer.
+        ValueError: if ``rank`` is not an integer in 1..max(m, n) (checked before allocating).
     """
 
     def __init__(self, out_features: int, in_features: int, rank: int = 8, init: Init = "zero") -> None:
         super().__init__(out_features, in_features, init)
-        self.rank = require_positive_int("rank", rank)
+        self.rank = require_size_option("lowrank", "rank", rank, out_features, in_features)
         self.down = nn.Parameter(torch.empty(rank, in_features))  # A
         self.up = nn.Parameter(torch.empty(out_features, rank))  # B
         self.reset_parameters()

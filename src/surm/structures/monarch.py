@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
-from .options import require_positive_int
+from .options import require_positive_int, require_size_option
 
 
 class Monarch(StructuredMatrix):
@@ -28,11 +28,12 @@ class Monarch(StructuredMatrix):
         out_features: m.
         in_features: n.
         nblocks: N, 1 <= N <= min(m, n).
-        block_rank: r_b >= 1.
+        block_rank: r_b, 1 <= r_b <= max(m, n).
         init: ``"zero"`` or ``"random"``.
 
     Raises:
-        ValueError: if ``nblocks`` is outside [1, min(m, n)] or ``block_rank`` is not a positive integer.
+        ValueError: if ``nblocks`` is outside [1, min(m, n)] or ``block_rank`` outside [1, max(m, n)] (checked
+            before allocating).
     """
 
     def __init__(
@@ -46,7 +47,7 @@ class Monarch(StructuredMatrix):
                 f"monarch nblocks={nblocks} exceeds min(out_features, in_features)={limit}; valid: 1..{limit}"
             )
         self.nblocks = nblocks
-        self.block_rank = require_positive_int("block_rank", block_rank)
+        self.block_rank = require_size_option("monarch", "block_rank", block_rank, out_features, in_features)
         self.block_in = math.ceil(in_features / nblocks)  # p
         self.block_out = math.ceil(out_features / nblocks)  # s
         self.right = nn.Parameter(torch.empty(nblocks, block_rank, self.block_in))  # R_j

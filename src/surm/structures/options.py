@@ -10,6 +10,20 @@ def require_positive_int(name: str, value: object) -> int:
     return value
 
 
+def require_size_option(family: str, name: str, value: object, out_features: int, in_features: int) -> int:
+    """Return ``value`` if it is an integer in 1..N, N = max(out_features, in_features), else raise a ValueError.
+
+    For the size options that multiply a family's parameters (a rank, a number of terms, a block rank): beyond N
+    they cannot make M express anything more, only bigger (a 16 x 16 lowrank of rank 10**8 would allocate 12.6 GB),
+    so families check this before allocating anything.
+    """
+    require_positive_int(name, value)
+    limit = max(out_features, in_features)
+    if value > limit:  # type: ignore[operator]
+        raise ValueError(f"{family} {name}={value} exceeds max(out_features, in_features)={limit}; valid: 1..{limit}")
+    return value  # type: ignore[return-value]
+
+
 def divisors(n: int) -> list[int]:
     """All positive divisors of n, ascending."""
     return [d for d in range(1, n + 1) if n % d == 0]
