@@ -38,8 +38,8 @@ INVALID_CONFIGS = [
     ({"mode": "adapter", "bottleneck": True}, r"bottleneck must be a positive integer or None, got True"),
     ({"mode": "adapter", "bottleneck": 2.5}, r"bottleneck must be a positive integer or None, got 2.5"),
     ({"activation": "relu"}, r"activation must be one of \('gelu', 'tanh', 'silu', 'identity'\), got 'relu'"),
-    ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
-    ({"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0.1"),
+    ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1.0"),
+    ({"dropout": -0.1}, r"dropout must be a number in \[0, 1\), got -0.1"),
     ({"alpha": math.nan}, r"alpha must be a finite number, got nan"),
     ({"alpha": math.inf}, r"alpha must be a finite number, got inf"),
     ({"alpha": "1"}, r"alpha must be a finite number, got '1'"),
@@ -73,11 +73,60 @@ INVALID_CONFIGS = [
     ({"override_pattern": {"up": {"alpha": "x"}}}, r"override_pattern\['up'\]: alpha must be a finite number, got 'x'"),
 ]
 
+# Numeric fields of the wrong type (or not a number at all): (keyword arguments, field, the message's regex).
+DROPOUT = r"^dropout must be a number in \[0, 1\), got "
+INT = "must be a positive integer or None, got "
+PAIR = r"factors must be None or a pair \[m1, n1\] of positive integers, got "
+UP = r"^override_pattern\['up'\]: "
+WRONG_TYPES = [
+    ({"dropout": "0.1"}, "dropout", rf"{DROPOUT}'0\.1'$"),
+    ({"dropout": None}, "dropout", rf"{DROPOUT}None$"),
+    ({"dropout": True}, "dropout", rf"{DROPOUT}True$"),
+    ({"dropout": [0.1]}, "dropout", rf"{DROPOUT}\[0\.1\]$"),
+    ({"dropout": math.nan}, "dropout", rf"{DROPOUT}nan$"),
+    ({"dropout": math.inf}, "dropout", rf"{DROPOUT}inf$"),
+    ({"dropout": -math.inf}, "dropout", rf"{DROPOUT}-inf$"),
+    ({"alpha": None}, "alpha", r"^SurmConfig: alpha must be a finite number, got None$"),
+    ({"alpha": [2.0]}, "alpha", r"^SurmConfig: alpha must be a finite number, got \[2\.0\]$"),
+    ({"mode": "adapter", "bottleneck": "4"}, "bottleneck", rf"^SurmConfig: bottleneck {INT}'4'$"),
+    ({"mode": "adapter", "bottleneck": 4.0}, "bottleneck", rf"^SurmConfig: bottleneck {INT}4\.0$"),
+    ({"structure": "lowrank", "rank": "8"}, "rank", rf"^SurmConfig: rank {INT}'8'$"),
+    ({"structure": "lowrank", "rank": 8.0}, "rank", rf"^SurmConfig: rank {INT}8\.0$"),
+    ({"structure": "lowrank", "rank": True}, "rank", rf"^SurmConfig: rank {INT}True$"),
+    ({"structure": "kronecker", "rank": [2]}, "rank", rf"^SurmConfig: rank {INT}\[2\]$"),
+    ({"structure": "monarch", "nblocks": "4"}, "nblocks", rf"^SurmConfig: nblocks {INT}'4'$"),
+    ({"structure": "monarch", "block_rank": 2.5}, "block_rank", rf"^SurmConfig: block_rank {INT}2\.5$"),
+    ({"structure": "kronecker", "terms": "2"}, "terms", rf"^SurmConfig: terms {INT}'2'$"),
+    ({"structure": "ldr", "displacement_rank": 1.0}, "displacement_rank", rf"displacement_rank {INT}1\.0$"),
+    ({"structure": "kronecker", "factors": "3x4"}, "factors", rf"^SurmConfig: {PAIR}'3x4'$"),
+    ({"structure": "kronecker", "factors": 3}, "factors", rf"^SurmConfig: {PAIR}3$"),
+    ({"structure": "kronecker", "factors": [3]}, "factors", rf"^SurmConfig: {PAIR}\[3\]$"),
+    ({"structure": "kronecker", "factors": [3, "4"]}, "factors", rf"^SurmConfig: {PAIR}\[3, '4'\]$"),
+    ({"structure": "kronecker", "factors": (3.0, 4)}, "factors", rf"^SurmConfig: {PAIR}\[3\.0, 4\]$"),
+    ({"structure": "lowrank", "override_pattern": {"up": {"rank": "2"}}}, "rank", rf"{UP}rank {INT}'2'$"),
+    ({"override_pattern": {"up": {"structure": "monarch", "nblocks": 2.0}}}, "nblocks", rf"{UP}nblocks {INT}2\.0$"),
+    ({"override_pattern": {"up": {"structure": "kronecker", "factors": [2]}}}, "factors", rf"{UP}{PAIR}\[2\]$"),
+    ({"mode": "adapter", "override_pattern": {"up": {"bottleneck": "3"}}}, "bottleneck", rf"{UP}bottleneck {INT}'3'$"),
+]
+
 
 @pytest.mark.parametrize("kwargs, message", INVALID_CONFIGS, ids=[str(i) for i in range(len(INVALID_CONFIGS))])
 def test_invalid_config_raises_a_value_error_naming_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         surm.SurmConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, field, message", WRONG_TYPES, ids=[f"{i}-{c[1]}" for i, c in enumerate(WRONG_TYPES)])
+def test_numeric_fields_of_the_wrong_type_raise_a_one_line_value_error(kwargs, field, message):
+    """Not a TypeError from a comparison deep inside: a ValueError naming the field, the value and what is valid."""
+    with pytest.raises(ValueError, match=message) as error:
+        surm.SurmConfig(**kwargs)
+    assert field in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("dropout", [0, 0.0, 0.5, 0.999])
+def test_valid_dropout_values_are_accepted(dropout):
+    assert surm.SurmConfig(dropout=dropout).dropout == dropout
 
 
 def test_unknown_structure_lists_every_family():
@@ -102,6 +151,10 @@ def test_overridable_keys_are_listed_in_the_error():
         ({"structure": "kronecker", "factors": [5, 5]}, r"kronecker factors=\(5, 5\): 5 does not divide out_features=12"),
         ({"structure": "circulant", "parameterization": "prod"}, r"parameterization must be 'plain' or 'product', got 'prod'"),
         ({"structure": "ldr", "displacement_rank": -1}, r"displacement_rank must be a positive integer, got -1"),
+        ({"structure": "lowrank", "rank": 13}, r"lowrank rank=13 exceeds max\(out_features, .*=12; valid: 1\.\.12$"),
+        ({"structure": "monarch", "block_rank": 10**8}, r"monarch block_rank=100000000 exceeds .*=12; valid: 1\.\.12"),
+        ({"mode": "adapter", "bottleneck": 13}, r"bottleneck must be None or an integer in 1\.\.12 .*, got 13$"),
+        ({"mode": "adapter", "bottleneck": 10**9}, r"bottleneck must be None or an integer in 1\.\.12 .*, got 10+$"),
     ],
 )
 def test_option_values_that_do_not_fit_a_layer_fail_at_injection_naming_the_module(kwargs, message):

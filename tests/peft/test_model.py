@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 import surm
+from surm.execution import EXECUTIONS
 
 from ..devices import DEVICES
 from .common import adapter_parameters, max_diff, surm_layers, tiny_peft
@@ -269,6 +270,31 @@ def test_a_training_step_changes_only_adapter_and_saved_module_parameters(family
     grads = step()
     for name in adapters:
         assert grads[name].abs().sum() > 0, f"zero gradient after one step for {name}"
+
+
+#: Every family in every mode; delta mode also with each execution path forced (it applies to delta adapters only).
+EMPTY_BATCH_CASES = [(*case, e) for case in FAMILY_MODES for e in (EXECUTIONS if case[1] == "delta" else ("auto",))]
+EMPTY_BATCH_IDS = [f"{mode_id(*case[:3])}-{case[3]}" for case in EMPTY_BATCH_CASES]
+
+
+@pytest.mark.parametrize("family, mode, bottleneck, execution", EMPTY_BATCH_CASES, ids=EMPTY_BATCH_IDS)
+def test_an_empty_batch_runs_forward_and_backward(family, mode, bottleneck, execution):
+    """No rows (an empty last batch, a filtered-out split): an empty output and zero gradients, not an FFT error."""
+    model = tiny_peft(
+        family, mode, bottleneck, init_weights=False, modules_to_save=["classifier"], dropout=0.1, execution=execution
+    )
+    model.train()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for shape in [(0, 4, 12), (3, 0, 12), (0, 12)]:
+        model.zero_grad(set_to_none=True)
+        out = model(torch.randn(*shape))
+        assert out.shape == (*shape[:-1], 3)
+        out.sum().backward()
+        for name, p in trainable.items():
+            assert p.grad is not None and p.grad.shape == p.shape, (shape, name)
+            assert torch.count_nonzero(p.grad) == 0, (shape, name)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(0, 4, 12)).shape == (0, 4, 3)
 
 
 # -- 6. several adapters ----------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from ..structures import STRUCTURES, structure_options
 MODES = ("delta", "adapter")
 #: Config fields that are forwarded to the family constructor when set (None means "the family's default").
 FAMILY_OPTION_FIELDS = ("rank", "nblocks", "block_rank", "factors", "terms", "displacement_rank", "parameterization")
+#: Family option fields that take a positive integer (the family checks the upper bound, which depends on the shape).
+INTEGER_OPTION_FIELDS = ("rank", "nblocks", "block_rank", "terms", "displacement_rank")
 #: Keys an ``override_pattern`` entry may set.
 OVERRIDABLE = ("structure", *FAMILY_OPTION_FIELDS, "alpha", "bottleneck")
 
@@ -28,6 +30,11 @@ class SurmConfig(PeftConfig):
     ``nn.Conv2d``; mergeable. Mode ``"adapter"``: on the output h of each targeted module,
     ``h <- h + act(S · dropout(h)) + b`` with S a structured d x d map (SURM-Adapter, the identity at start), or
     with ``bottleneck=k``, ``h <- h + U act(D · dropout(h))`` with structured D (k x d), U (d x k), U = 0 at start.
+
+    Raises:
+        ValueError: for a field of the wrong type or outside its range (``dropout="0.1"``, NaN dropout, ``rank=8.0``),
+            naming the field, the value and what is valid. Values that depend on a layer's shape (``rank`` <=
+            max(m, n), divisors, ``bottleneck`` <= d) are checked when the adapter is added to that layer.
     """
 
     structure: str = field(
@@ -119,10 +126,10 @@ class SurmConfig(PeftConfig):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:  # NaN fails the comparison too
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.bottleneck is not None and self.mode != "adapter":
-            raise ValueError(f"bottleneck={self.bottleneck} needs mode='adapter', got mode={self.mode!r}")
+            raise ValueError(f"bottleneck={self.bottleneck!r} needs mode='adapter', got mode={self.mode!r}")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
         if self.execution not in EXECUTIONS:
@@ -190,12 +197,31 @@ class SurmConfig(PeftConfig):
                 f"{where}: option(s) {invalid} do not apply to structure {name!r}; "
                 f"its options are {[o for o in valid if o != 'init']}"
             )
+        # Types here; values against the layer's shape (rank <= max(m, n), divisors, ...) when the family is built.
+        for key in INTEGER_OPTION_FIELDS:
+            if key in options and not _is_int(options[key]):
+                raise ValueError(f"{where}: {key} must be a positive integer or None, got {options[key]!r}")
         if "factors" in options:
-            options["factors"] = tuple(options["factors"])
+            factors = options["factors"]
+            if not (isinstance(factors, (list, tuple)) and len(factors) == 2 and all(map(_is_int, factors))):
+                raise ValueError(
+                    f"{where}: factors must be None or a pair [m1, n1] of positive integers, got {factors!r}"
+                )
+            options["factors"] = tuple(factors)
         bottleneck = settings.get("bottleneck")
-        if bottleneck is not None and (isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1):
+        if bottleneck is not None and not (_is_int(bottleneck) and bottleneck >= 1):
             raise ValueError(f"{where}: bottleneck must be a positive integer or None, got {bottleneck!r}")
         alpha = settings.get("alpha")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        if not _is_number(alpha) or not math.isfinite(alpha):
             raise ValueError(f"{where}: alpha must be a finite number, got {alpha!r}")
         return {"structure": name, "options": options, "alpha": float(alpha), "bottleneck": bottleneck}
+
+
+def _is_int(value: object) -> bool:
+    """True for an int that is not a bool (a bool is an int to Python but never a size)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """True for an int or float that is not a bool (strings such as '0.1' are refused, not parsed)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

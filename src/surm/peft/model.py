@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from torch import nn
+from torch import Tensor, nn
 
 from .config import SurmConfig
 from .layer import NotMergeableError, SurmLayer
@@ -17,6 +18,10 @@ from .layer import NotMergeableError, SurmLayer
 ADAPTER_MODE_TARGET_MODULES = {
     name: ["output.dense"] for name in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "data2vec-text")
 }
+#: Checkpoint key fragments that make a tensor surm's own, whichever module it names: those keys load strictly.
+SURM_KEY_MARKS = tuple(f"{container}." for container in SurmLayer.adapter_layer_names)
+#: How many keys of each kind a load error lists.
+KEYS_SHOWN = 3
 
 
 class SurmModel(BaseTuner):
@@ -74,6 +79,51 @@ class SurmModel(BaseTuner):
         stripped, count = re.subn(pattern, r"\1\2.", key, count=1)
         return stripped if count else super()._remove_adapter_name_from_key(key, adapter_name)
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: SurmConfig, adapter_name: str, state_dict: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """PEFT's key remapping, then a strict check of surm's own tensors against the adapter the config built.
+
+        PEFT loads with ``strict=False`` and only warns about missing keys, so a folder whose adapter_config.json
+        does not describe its adapter_model.safetensors (another structure, mode, size or set of targets) would load
+        with the fresh initial weights in place of the trained ones. Here every tensor of adapter ``adapter_name``
+        that the model holds (found structurally, on its SurmLayers) must be in the checkpoint
+        with the same shape, a floating dtype and finite values, and no checkpoint tensor under ``surm_delta.`` or
+        ``surm_adapter.`` may be left over. Other keys (``modules_to_save`` copies such as a classifier) keep PEFT's
+        behaviour.
+
+        Raises:
+            ValueError: naming the adapter and the first missing and unexpected keys (in the checkpoint's spelling),
+                or the tensor whose shape, dtype or values are wrong.
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = _adapter_tensors(model, adapter_name)
+        described = (
+            f"surm adapter {adapter_name!r} (structure={getattr(config, 'structure', None)!r}, "
+            f"mode={getattr(config, 'mode', None)!r})"
+        )
+        missing = [cls._remove_adapter_name_from_key(key, adapter_name) for key in expected if key not in remapped]
+        unexpected = [key for key in remapped if key not in expected and any(m in key for m in SURM_KEY_MARKS)]
+        if missing or unexpected:
+            raise ValueError(
+                f"{described}: its adapter_config.json does not match its weights: {len(missing)} missing key(s) "
+                f"{_first_keys(missing)}, {len(unexpected)} unexpected key(s) {_first_keys(unexpected)}; load the "
+                "weights with the config they were saved with"
+            )
+        for key, target in expected.items():
+            value, saved = remapped[key], cls._remove_adapter_name_from_key(key, adapter_name)
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"{described}: its adapter_config.json does not match its weights: {saved!r} has shape "
+                    f"{tuple(value.shape)} in the weights but {tuple(target.shape)} in the adapter the config builds"
+                )
+            if not value.is_floating_point():
+                raise ValueError(f"{described}: {saved!r} has dtype {value.dtype}; surm weights are floating point")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{described}: {saved!r} holds non-finite values (NaN or inf); refusing to load it")
+        return remapped
+
     def _check_mergeable(self, adapter_names: Optional[list[str]]) -> None:
         names = adapter_names if adapter_names is not None else self.active_adapters
         adapter_mode = [n for n in names if n in self.peft_config and self.peft_config[n].mode == "adapter"]
@@ -99,3 +149,23 @@ class SurmModel(BaseTuner):
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+
+
+def _first_keys(keys: list[str]) -> str:
+    """The first :data:`KEYS_SHOWN` of ``keys`` (sorted), and how many more there are."""
+    shown = sorted(keys)[:KEYS_SHOWN]
+    return f"{shown}" + (f" and {len(keys) - len(shown)} more" if len(keys) > len(shown) else "")
+
+
+def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
+    """Every parameter and buffer of adapter ``adapter_name`` on the SurmLayers of ``model``, by state-dict key."""
+    tensors = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, SurmLayer):
+            continue
+        for container in SurmLayer.adapter_layer_names:
+            adapters = getattr(module, container)
+            if adapter_name in adapters:
+                prefix = f"{name}.{container}.{adapter_name}."
+                tensors.update({prefix + key: value for key, value in adapters[adapter_name].state_dict().items()})
+    return tensors
