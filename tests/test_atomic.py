@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -117,9 +121,13 @@ def test_atomic_directory_creates_a_new_folder(tmp_path):
 
 
 def test_remove_leftovers_removes_only_the_named_temporaries(tmp_path):
+    """Only surm's own temporary names (``.NAME.<8 random>.surm-tmp``) go; a user's look-alikes stay, folders too."""
     kept = ["checkpoint.pt", "results.json", "adapter", ".keep", ".other.json.abc", "results.json.bak",
-            ".results.jsonx"]
-    leftovers = [".checkpoint.pt.k2j4h1", ".results.json.a81x0q", ".adapter.x7y2mz", ".adapter.old.p0q1r2"]
+            ".results.jsonx", ".model.notes", ".results.json.bak", ".adapter.v1", ".checkpoint.pt.k2j4h1",
+            ".results.json.a81x0q.surm-tmp", ".adapter.x7y2mz0c.surm-tmp.old", ".adapter.UPPERCAS.surm-tmp",
+            ".other.json.abcdefgh.surm-tmp"]
+    leftovers = [".checkpoint.pt.k2j4h1_a.surm-tmp", ".results.json.a81x0q2b.surm-tmp", ".adapter.x7y2mz0c.surm-tmp",
+                 ".adapter.old.p0q1r2s3.surm-tmp"]
     for name in kept + leftovers:
         if "adapter" in name:
             (tmp_path / name).mkdir()
@@ -129,9 +137,10 @@ def test_remove_leftovers_removes_only_the_named_temporaries(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "keep.txt").write_text("x")
-    (tmp_path / ".adapter.link").symlink_to(outside)  # a link is removed, not followed
+    (tmp_path / ".adapter.linklink.surm-tmp").symlink_to(outside)  # a link is removed, not followed
     removed = atomic.remove_leftovers(tmp_path, ["checkpoint.pt", "results.json", "adapter"])
-    assert sorted(p.name for p in removed) == sorted([*leftovers, ".adapter.link"])
+    assert sorted(p.name for p in removed) == sorted([*leftovers, ".adapter.linklink.surm-tmp"])
+    assert (tmp_path / ".adapter.v1" / "adapter_model.safetensors").read_bytes() == b"x"
     assert sorted(os.listdir(tmp_path)) == sorted([*kept, "elsewhere"])
     assert (outside / "keep.txt").exists()
     assert atomic.remove_leftovers(tmp_path / "absent", ["adapter"]) == []
@@ -153,4 +162,33 @@ def test_leftovers_of_a_failed_write_are_recognised(tmp_path):
     for name in seen:  # as a SIGKILL would leave them
         (tmp_path / name).write_bytes(b"x")
     assert sorted(p.name for p in atomic.remove_leftovers(tmp_path, ["results.json", "adapter"])) == sorted(seen)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_write_the_disk_refuses_becomes_an_os_error_naming_the_target(tmp_path):
+    """torch and safetensors word a refused write their own way ("unexpected pos", "os error 27/28"); atomic writes
+    turn it into an OSError naming the file or folder, and leave no temporary behind. Files are limited to 4 kB in
+    a child process (the kernel answers EFBIG, as a full disk answers ENOSPC)."""
+    code = textwrap.dedent("""
+        import resource, signal, sys, torch
+        from pathlib import Path
+        from safetensors.torch import save_file
+        from surm import atomic
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        folder = Path(sys.argv[1])
+        try:
+            atomic.torch_save({"x": torch.zeros(10000)}, folder / "checkpoint.pt")
+        except OSError as error:
+            print(error.errno, error.filename)
+        try:
+            with atomic.atomic_directory(folder / "adapter") as staging:
+                save_file({"x": torch.zeros(10000)}, staging / "adapter_model.safetensors")
+        except OSError as error:
+            print(error.errno, error.filename)
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [f"{errno.EFBIG} {tmp_path / 'checkpoint.pt'}",
+                                        f"{errno.EFBIG} {tmp_path / 'adapter'}"]
     assert os.listdir(tmp_path) == []

@@ -7,13 +7,20 @@ is then never created, which shows that no training started (the trainer creates
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
+import os
+import resource
+import signal
+import subprocess
+import time
 from importlib import metadata
 
 import pytest
+from safetensors.torch import load_file
 
 from .conftest import REFERENCE_ARGS
-from .runs import TINY, call_main, comparable, finetune_main
+from .runs import TINY, call_main, comparable, environment, finetune_main, surm_command
 
 
 def test_console_script_is_declared():
@@ -49,6 +56,16 @@ def write_csv(path, header, rows):
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
+    return path
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def write_text(path, text):
+    path.write_text(text)
     return path
 
 
@@ -105,6 +122,26 @@ BAD_FINETUNE = {
     "unknown model offline": (lambda folder: ["--model", "no-such-org/no-such-model"],
                               "HF_HUB_OFFLINE=1 forbids downloading it"),
     "image model on text": (lambda folder: ["--model", "efficientnet-lite0"], "is an image model"),
+    "infinite weight decay": (lambda folder: ["--weight-decay", "inf"], "weight_decay must be a finite number >= 0"),
+    "max length beyond the model's positions": (lambda folder: ["--max-length", "100000"],
+                                                "--max-length 100000 exceeds the 512 positions of model 'minilm'"),
+    "a folder as dataset": (lambda folder: ["--dataset", str(write_csv(folder / "d.csv", ["text", "label"],
+                                                                       reviews()).parent)],
+                            "is a folder; surm reads one data file (.csv, .tsv, .jsonl, .json): pass a file inside it "
+                            "(found: d.csv)"),
+    "an option no surm setting has": (lambda folder: ["--structure", "circulant", "--block-size", "4"],
+                                      "option(s) ['block_size'] do not apply to circulant"),
+    "config that is a JSON list": (lambda folder: ["--config", str(write_json(folder / "c.json", ["structure"]))],
+                                   "holds a JSON list, not an object of SurmConfig settings"),
+    "config without structure": (lambda folder: ["--config", str(write_json(folder / "c.json",
+                                                                            {"peft_type": "SURM"}))],
+                                 "names no structure"),
+    "config with an unknown setting": (
+        lambda folder: ["--config", str(write_json(folder / "c.json", {"peft_type": "SURM", "structure": "circulant",
+                                                                       "overide_pattern": {}}))],
+        "has unknown setting(s) ['overide_pattern']; SurmConfig's settings are"),
+    "config that is not JSON": (lambda folder: ["--config", str(write_text(folder / "c.json", "{structure"))],
+                                "is not readable JSON"),
 }
 
 
@@ -147,3 +184,102 @@ def test_bad_compare_input_stops_before_any_run(args, message, tmp_path):
     assert outcome.code == 2
     assert outcome.stderr.startswith("surm compare: error: ") and message in outcome.stderr
     assert not output.exists()
+
+
+def test_config_takes_every_surmconfig_setting(tmp_path):
+    """No setting of an adapter_config.json is dropped: each reaches the run's PEFT config (flags still win)."""
+    config = {
+        "peft_type": "SURM", "task_type": "SEQ_CLS", "base_model_name_or_path": "elsewhere", "inference_mode": True,
+        "structure": "circulant", "mode": "delta", "target_modules": ["query", "value", "key"],
+        "exclude_modules": ["key"], "layers_to_transform": [0, 2], "layers_pattern": "layer", "execution": "dense",
+        "override_pattern": {"value": {"structure": "toeplitz"}}, "dropout": 0.1, "alpha": 0.5, "init_weights": True,
+    }
+    path = write_json(tmp_path / "adapter_config.json", config)
+    outcome = finetune_main(tmp_path / "run", *TINY, "--epochs", "1", "--config", str(path), "--alpha", "2")
+    used = outcome.results["peft_config"]
+    for key in ("structure", "mode", "layers_to_transform", "layers_pattern", "execution", "override_pattern",
+                "dropout", "init_weights"):
+        assert used[key] == config[key], key
+    assert used["alpha"] == 2.0  # the flag wins over the file
+    assert sorted(used["target_modules"]) == ["key", "query", "value"] and used["exclude_modules"] == ["key"]
+    assert used["inference_mode"] is False  # provenance entries are the run's own
+    keys = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    adapted = {k.split(".surm_delta.")[0] for k in keys if ".surm_delta." in k}
+    assert adapted == {f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 2)
+                       for m in ("query", "value")}
+    assert any("outer_values" in k for k in keys if ".value." in k)  # the override made value Toeplitz
+
+
+# -- failures of the machine and the user, in a child process: one line, the right exit status ---------------------
+
+
+def spawn_finetune(output, *extra, preexec_fn=None):
+    """``python -m surm finetune`` of the reference settings in a child process."""
+    command = surm_command("finetune", *REFERENCE_ARGS, "--output", str(output), *extra)
+    return subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec_fn)
+
+
+def test_ctrl_c_exits_130_with_a_resume_hint_and_the_resume_finishes(tmp_path, reference_run):
+    output = tmp_path / "run"
+    process = spawn_finetune(output, "--checkpoint-every", "1")
+    deadline = time.monotonic() + 300
+    while not (output / "checkpoint.pt").exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "surm finetune: interrupted; run the same command with --resume to continue from the last checkpoint (or "
+        "from the start if none was written yet)")
+    assert not [p.name for p in output.iterdir() if p.name.endswith(".surm-tmp")]
+    resumed = finetune_main(output, *REFERENCE_ARGS, "--resume")
+    assert resumed.results["test_accuracy"] == reference_run.results["test_accuracy"]
+
+
+def limit_file_size(size):
+    """For a child: files may not grow beyond ``size`` bytes (the kernel answers EFBIG, as a full disk answers
+    ENOSPC); SIGXFSZ is ignored so that the write fails instead of killing the process."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return apply
+
+
+def test_a_write_the_disk_refuses_is_one_line_and_leaves_no_partial_file(tmp_path):
+    output = tmp_path / "run"
+    process = spawn_finetune(output, preexec_fn=limit_file_size(32 * 1024))  # the checkpoint is ~70 kB
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"surm finetune: error: File too large: {output / 'checkpoint.pt'}"
+    assert sorted(p.name for p in output.iterdir()) == ["train.log"]
+
+
+def without_root_file_access():
+    """For a child run as root: drop the capabilities that let root write through any file mode
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so that a folder of mode 0555 is read-only for it as for anyone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone after exec
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_a_read_only_output_is_refused_before_the_model_loads(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    os.chmod(folder, 0o555)
+    try:
+        # The model does not exist: had it been loaded first, the error would name it instead of the output.
+        process = spawn_finetune(folder / "run", "--model", "/no/such/model",
+                                 preexec_fn=without_root_file_access if os.geteuid() == 0 else None)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        os.chmod(folder, 0o755)
+    assert process.returncode == 2, stderr[-3000:]
+    assert stderr.strip() == (f"surm finetune: error: --output {folder / 'run'} is not writable: cannot create files "
+                              f"in {folder} (Permission denied)")
+    assert list(folder.iterdir()) == []

@@ -4,14 +4,18 @@ with its table, JSON and plot, reuse of finished runs, and failed runs."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import statistics
+import subprocess
+import time
 
 import pytest
 
 from surm.compare import MethodSpec, parse_methods
 
-from .runs import call_main
+from .runs import call_main, environment, surm_command
 
 #: One step of 16 examples per run, 8 validation and 8 test examples.
 COMPARE_ARGS = ("--train-size", "16", "--eval-size", "8", "--batch-size", "16", "--max-length", "16", "--epochs", "1")
@@ -154,3 +158,31 @@ def test_finished_runs_are_reused_from_a_moved_folder_but_not_under_other_settin
     assert stamps(files) == before  # neither retrained nor mixed into the table
     assert json.loads((moved / "comparison.json").read_text())["rows"] == []
     assert not (moved / "frontier.png").exists()  # the old plot would contradict the empty table
+
+
+def test_ctrl_c_stops_the_comparison_and_a_rerun_finishes_it(tmp_path):
+    """Ctrl-C in a terminal reaches compare and its running child: exit 130 with how to continue, no new run starts,
+    and the same command then finishes, resuming the interrupted run from its checkpoint."""
+    output = tmp_path / "cmp"
+    args = ["compare", "--methods", "circulant,monarch", "--seeds", "1", *COMPARE_ARGS, "--epochs", "3",
+            "--output", str(output)]
+    process = subprocess.Popen(surm_command(*args), env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    checkpoint = output / "runs" / "circulant" / "seed0" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)  # what the terminal does: the whole foreground group
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "surm compare: interrupted; run the same command again: finished runs are reused and an interrupted one "
+        "resumes from its checkpoint")
+    assert not (output / "runs" / "monarch").exists()  # nothing new started after Ctrl-C
+    outcome = call_main(*args)
+    assert outcome.code == 0, outcome.stderr[-3000:]
+    log = (output / "runs" / "circulant" / "seed0" / "train.log").read_text()
+    assert "resumed from" in log

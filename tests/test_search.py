@@ -319,3 +319,29 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path):
     assert len(retries) == 1 and retries[0].params == after[killed[0]].params
     assert status_of(retries[0]) in ("complete", "pruned")
     assert retries[0].user_attrs["folder"] == f"trial-{killed[0]:04d}"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("folder", "../../escape", "of the study names the folder '../../escape', which is not a surm trial folder"),
+    ("folder", "trial-0001/../../../escape", "names the folder 'trial-0001/../../../escape'"),
+    ("folder", 7, "names the folder 7"),
+    ("candidate", {"family": "circulant"}, "the study holds a malformed trial configuration"),
+])
+def test_a_tampered_study_is_refused_and_nothing_is_written_outside_output(single, tmp_path, key, value, message):
+    """The storage is data from a file: a trial folder name or configuration in it is checked before it is used."""
+    import shutil
+    import sqlite3
+
+    output = tmp_path / "copy" / "search"
+    shutil.copytree(single[0], output)
+    with sqlite3.connect(output / "study.db") as db:
+        changed = db.execute("UPDATE trial_user_attributes SET value_json = ? WHERE key = ?",
+                             (json.dumps(value), key)).rowcount
+    assert changed >= 1
+    before = {p for p in tmp_path.rglob("*")}
+    code, err = in_process(*search_args(output, 2))
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("surm search: error: ") and message in line, line
+    assert {p for p in tmp_path.rglob("*")} - before <= {p for p in output.rglob("*")}  # nothing new outside output
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "copy" / "escape").exists()

@@ -18,9 +18,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import surm  # noqa: F401  (registers the SURM PEFT type, so that PeftModel can load surm adapters)
+from surm.checkpoint import read_checkpoint
 from surm.data import load_dataset, macro_f1
 from surm.models import minilm_path, text_collate
-from surm.trainer import subset
+from surm.errors import TrainingDiverged
+from surm.methods import MethodChoice
+from surm.trainer import LossWatch, Run, RunConfig, subset
 
 from .conftest import REFERENCE_ARGS
 from .runs import TINY, call_main, environment, finetune_main, listing, surm_command
@@ -158,8 +161,12 @@ def test_adapter_mode_runs_under_the_same_loop(tmp_path):
 
 # -- resume after SIGKILL -----------------------------------------------------------------------------------------
 
-#: What a killed atomic write can leave behind, plus a hidden file that is not ours and must stay.
-LEFTOVERS = {".checkpoint.pt.k2j4h1": "file", ".results.json.a81x0q": "file", ".adapter.x7y2mz": "folder"}
+#: What a killed atomic write can leave behind (surm's own temporary names)...
+LEFTOVERS = {".checkpoint.pt.k2j4h1_a.surm-tmp": "file", ".results.json.a81x0q2b.surm-tmp": "file",
+             ".adapter.x7y2mz0c.surm-tmp": "folder", ".adapter.old.q9w8e7r6.surm-tmp": "folder"}
+#: ... and the user's files that merely start like them, which must stay (hidden files, backups, a folder).
+LOOKALIKES = {".keep": "file", ".model.notes": "file", ".results.json.bak": "file", ".checkpoint.pt.k2j4h1_a": "file",
+              ".adapter.v1": "folder", ".adapter.x7y2mz0c.surm-tmp.mine": "file"}
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +185,7 @@ def killed_run(tmp_path_factory):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     return {"output": output, "returncode": process.returncode, "entries": listing(output),
-            "checkpoint": torch.load(output / "checkpoint.pt", map_location="cpu", weights_only=False)}
+            "checkpoint": read_checkpoint(output / "checkpoint.pt")}
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +193,12 @@ def resumed_run(killed_run):
     """The killed run, moved to another folder (which must not matter), littered with leftovers, and resumed."""
     output = killed_run["output"].with_name("moved")
     killed_run["output"].rename(output)
-    for name, kind in LEFTOVERS.items():
+    for name, kind in {**LEFTOVERS, **LOOKALIKES}.items():
         if kind == "folder":
             (output / name).mkdir()
             (output / name / "adapter_model.safetensors").write_bytes(b"half")
         else:
             (output / name).write_bytes(b"half")
-    (output / ".keep").write_text("not surm's")
     return finetune_main(output, *REFERENCE_ARGS, "--resume")
 
 
@@ -225,9 +231,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(reference_run, resume
     assert "resumed from" in log and "test accuracy" in log
 
 
-def test_resume_removes_leftovers_of_the_killed_writes(resumed_run):
+def test_resume_removes_leftovers_of_the_killed_writes_and_nothing_else(resumed_run):
     entries = {p.name for p in resumed_run.output.iterdir()}
-    assert entries == {"adapter", "checkpoint.pt", "results.json", "train.log", ".keep"}
+    assert entries == {"adapter", "checkpoint.pt", "results.json", "train.log", *LOOKALIKES}
+    assert (resumed_run.output / ".adapter.v1" / "adapter_model.safetensors").read_bytes() == b"half"
     log = (resumed_run.output / "train.log").read_text()
     assert all(name in log for name in LEFTOVERS)  # the log says what was removed
 
@@ -237,7 +244,7 @@ def test_resume_with_changed_settings_is_refused(resumed_run):
     before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
     outcome = call_main("finetune", *REFERENCE_ARGS, "--lr", "0.5", "--resume", "--output", str(output))
     assert outcome.code == 2
-    assert "cannot resume" in outcome.stderr and "settings changed since it was written (['lr'])" in outcome.stderr
+    assert "cannot resume" in outcome.stderr and "settings changed since it was written (lr)" in outcome.stderr
     assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
 
 
@@ -272,3 +279,49 @@ def test_output_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "out").write_text("a file")
     outcome = call_main("finetune", *REFERENCE_ARGS, "--output", str(tmp_path / "out"))
     assert outcome.code == 2 and "exists and is not a folder" in outcome.stderr
+
+
+# -- divergence ----------------------------------------------------------------------------------------------------
+
+
+def test_loss_watch_flags_non_finite_and_sustained_blow_ups_only():
+    watch = LossWatch()
+    assert watch.observe(0.3, num_labels=4) is None  # an easy first batch: the bar is ln(4), not 0.3
+    assert watch.start == pytest.approx(np.log(4))
+    for loss in (30.0, 30.0, 1.0, 30.0, 30.0):  # spikes shorter than PATIENCE steps are not a divergence
+        assert watch.observe(loss, num_labels=4) is None
+    assert watch.observe(30.0, num_labels=4).startswith("loss 30 above 10 x the starting loss 1.386 for 3 steps")
+    assert LossWatch().observe(float("nan"), 2) == "non-finite loss nan"
+    resumed = LossWatch.from_state({**watch.state(), "above": 2})
+    assert resumed.observe(13.0, 4) is None and resumed.above == 0  # the count restarts below the bar
+    with pytest.raises(ValueError, match="malformed loss watch state"):
+        LossWatch.from_state({"start": "x", "above": 0})
+
+
+@pytest.mark.parametrize("flags, cause", [
+    (["--lr", "1000", "--head-lr", "1000"], "likely cause: the learning rate: try a smaller --lr (now 1000) or "
+                                            "--head-lr (now 1000)"),
+    (["--lr", "1", "--head-lr", "1", "--weight-decay", "5"],
+     "likely cause: the weight decay: --weight-decay 5 x learning rate 1 = 5 >= 1 flips the sign of every weight"),
+])
+def test_a_finite_blow_up_stops_the_run_and_names_the_cause(tmp_path, flags, cause):
+    output = tmp_path / "run"
+    outcome = call_main("finetune", *REFERENCE_ARGS, "--epochs", "3", *flags, "--output", str(output))
+    assert outcome.code == 2
+    line = outcome.stderr.strip().splitlines()[-1]
+    assert line.startswith("surm finetune: error: training diverged at step ")
+    assert "above 10 x the starting loss" in line
+    assert cause in line
+    assert not (output / "results.json").exists() and not (output / "adapter").exists()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    run = Run(RunConfig(method=MethodChoice("circulant"), output=tmp_path / "run", train_size=32, eval_size=16,
+                        batch_size=16, max_length=16, epochs=1))
+    name, parameter = next((n, p) for n, p in run.model.named_parameters() if p.requires_grad and "surm_delta" in n)
+    with torch.no_grad():
+        parameter[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match=f"1 trainable tensor\\(s\\) hold NaN or inf \\(first: {name}\\); "
+                                               "not writing the checkpoint"):
+        run._save_checkpoint({})
+    assert not (tmp_path / "run").exists()

@@ -6,13 +6,16 @@ With no arguments it runs the main job: ``surm compare``'s quick preset on MiniL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from . import __version__
+from .errors import RunsFailed, SurmError
 
 FAMILY_FLAGS = {
     "rank": int, "nblocks": int, "block_rank": int, "terms": int, "displacement_rank": int, "bottleneck": int,
@@ -52,7 +55,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="delta", choices=["delta", "adapter"])
     parser.add_argument("--targets", default=None, help="comma-separated module names (default: query,value)")
     parser.add_argument("--config", type=Path, default=None,
-                        help="an adapter_config.json (e.g. from surm search) whose method settings to use")
+                        help="a surm adapter_config.json (e.g. from surm search): every SurmConfig setting in it is "
+                        "used (flags given here win); its provenance entries (peft_type, task_type, "
+                        "base_model_name_or_path, revision, inference_mode, auto_mapping, peft_version) are set by "
+                        "the run; unknown entries are refused")
     for flag, kind in FAMILY_FLAGS.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None)
     parser.add_argument("--factors", type=_factors, default=None, help="kronecker: 'm1,n1'")
@@ -127,16 +133,41 @@ def method_choice(args: argparse.Namespace) -> Any:
 
 
 def config_method(path: Path, overrides: dict[str, Any]) -> tuple[str, str, Optional[list[str]], dict[str, Any]]:
-    """Method settings from a surm adapter_config.json; flags given on the command line win."""
+    """Method settings from a surm adapter_config.json: every SurmConfig setting in it; flags given on the command
+    line win. Entries that say where the file came from (PEFT's own config fields) are set by the run instead.
+
+    Raises:
+        ValueError: if the file cannot be read, is not a JSON object of a surm config, or has unknown entries.
+    """
+    from .peft import SurmConfig
+    from peft.config import PeftConfig
+
     if not path.is_file():
         raise ValueError(f"--config {path} is not a file")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--config {path} is not readable JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} holds a JSON {type(data).__name__}, not an object of SurmConfig settings")
     if data.get("peft_type") != "SURM":
         raise ValueError(f"--config {path} is not a surm adapter config (peft_type={data.get('peft_type')!r})")
-    options = {k: data[k] for k in ("rank", "nblocks", "block_rank", "factors", "terms", "displacement_rank",
-                                    "parameterization", "alpha", "dropout", "bottleneck") if data.get(k) is not None}
+    provenance = {f.name for f in dataclasses.fields(PeftConfig)}
+    known = {f.name for f in dataclasses.fields(SurmConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config {path} has unknown setting(s) {unknown}; SurmConfig's settings are "
+                         f"{sorted(known - provenance)}")
+    if not isinstance(data.get("structure"), str):
+        raise ValueError(f"--config {path} names no structure (its 'structure' is {data.get('structure')!r})")
+    options = {k: v for k, v in data.items()
+               if k not in provenance | {"structure", "mode", "target_modules"} and v is not None}
     options.update(overrides)
-    targets = sorted(data["target_modules"]) if isinstance(data.get("target_modules"), list) else data.get("target_modules")
+    targets = data.get("target_modules")
+    if isinstance(targets, list):
+        targets = sorted(targets)
+    elif targets is not None and not isinstance(targets, str):
+        raise ValueError(f"--config {path}: target_modules must be a list of names or a regex, got {targets!r}")
     return data["structure"], data.get("mode", "delta"), targets, options
 
 
@@ -171,34 +202,70 @@ def forwarded_run_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+#: What to do after Ctrl-C, per command.
+RESUME_HINTS = {
+    "finetune": "run the same command with --resume to continue from the last checkpoint (or from the start if "
+                "none was written yet)",
+    "compare": "run the same command again: finished runs are reused and an interrupted one resumes from its checkpoint",
+    "search": "run the same command again to resume the study (the trial that was cut off counts as failed and a "
+              "new one takes its place)",
+}
+
+
+def error_line(error: BaseException) -> str:
+    """One line for an expected failure: the message, or for an OSError the reason and the file."""
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"{reason}: {error.filename}" if error.filename else reason
+    text = str(error).strip() or type(error).__name__
+    lines = text.splitlines()
+    return lines[0] + (" [...]" if len(lines) > 1 else "")
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The failures the command line reports in one line (exit 2); anything else is a bug and shows its traceback."""
+    from safetensors import SafetensorError
+
+    return (SurmError, ValueError, OSError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv or ["compare", "--quick"])
     try:
-        if args.command == "finetune":
-            from .trainer import finetune
-
-            results = finetune(run_config(args))
-            if os.environ.get("RANK", "0") == "0":  # under torchrun, every process returns the same results
-                print(json.dumps({k: results[k] for k in ("method", "trainable_params", "test_accuracy",
-                                                          "test_macro_f1", "train_seconds")}, indent=2))
-        elif args.command == "compare":
-            run_compare(args, quick=args.quick or not argv)
-        elif args.command == "demo":
-            from .demo import run_demo
-
-            print(run_demo(tokens=args.tokens, repeats=args.repeats))
-        elif args.command == "search":
-            from .search import search, settings_from_args
-
-            search(settings_from_args(args))
-        elif args.command == "bench":
-            from .bench import run_command
-
-            run_command(args, argv[1:])
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"surm {args.command}: error: {error}", file=sys.stderr)
+        return dispatch(args, argv)
+    except KeyboardInterrupt:
+        hint = RESUME_HINTS.get(args.command, "nothing was left half-written")
+        print(f"surm {args.command}: interrupted; {hint}", file=sys.stderr)
+        return 130
+    except expected_errors() as error:
+        print(f"surm {args.command}: error: {error_line(error)}", file=sys.stderr)
         return 2
+
+
+def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the parsed command; expected failures propagate to :func:`main`."""
+    if args.command == "finetune":
+        from .trainer import finetune
+
+        results = finetune(run_config(args))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, every process returns the same results
+            print(json.dumps({k: results[k] for k in ("method", "trainable_params", "test_accuracy",
+                                                      "test_macro_f1", "train_seconds")}, indent=2))
+    elif args.command == "compare":
+        run_compare(args, quick=args.quick or not argv)
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        print(run_demo(tokens=args.tokens, repeats=args.repeats))
+    elif args.command == "search":
+        from .search import search, settings_from_args
+
+        search(settings_from_args(args))
+    elif args.command == "bench":
+        from .bench import run_command
+
+        run_command(args, argv[1:])
     return 0
 
 
@@ -219,7 +286,7 @@ def run_compare(args: argparse.Namespace, quick: bool) -> None:
     print(table)
     print(f"written: {args.output / 'comparison.md'}, {args.output / 'comparison.json'}, {args.output / 'frontier.png'}")
     if failed:
-        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+        raise RunsFailed(f"{len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
-"""Writing files so that readers never see them half-written: write beside the target, then rename."""
+"""Writing files so that readers never see them half-written: write beside the target, then rename.
+
+Temporary names are ``.NAME.<8 random characters>.surm-tmp`` (and ``.NAME.old.<8>.surm-tmp`` for a folder being
+replaced): :func:`remove_leftovers` deletes exactly those, never a user's file that merely starts like them.
+"""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -12,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+#: The suffix of every temporary file and folder surm creates; nothing else is ever deleted as a leftover.
+TEMP_SUFFIX = ".surm-tmp"
+#: ``tempfile``'s random part: 8 characters of this alphabet.
+_RANDOM_PART = r"[a-z0-9_]{8}"
 
 
 def _default_mode(directory: bool) -> int:
@@ -43,17 +55,32 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(handle)
     try:
         write(Path(tmp))
         os.chmod(tmp, _default_mode(directory=False))
         _fsync(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        _raise_as_os_error(error, path)
     _fsync(path.parent)
+
+
+def _raise_as_os_error(error: BaseException, path: Path) -> None:
+    """Re-raise ``error``, naming ``path`` if it is an OSError that names no file (a failed ``write`` does not); as
+    an OSError naming ``path`` when a writer library reported a full disk or a file-size limit in its own words
+    (safetensors: "No space left on device (os error 28)")."""
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    if isinstance(error, Exception) and not isinstance(error, OSError):
+        text = str(error)
+        for code, words in ((errno.ENOSPC, ("No space left on device", "os error 28")),
+                            (errno.EFBIG, ("File too large", "os error 27"))):
+            if any(w in text for w in words):
+                raise OSError(code, os.strerror(code), str(path)) from error
+    raise error
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -68,8 +95,15 @@ def write_text(path: Path, text: str) -> None:
 
 
 def torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` atomically."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` atomically.
+
+    The object is serialised in memory first and written by Python, so a full disk raises an ``OSError`` naming the
+    file (torch's own writer reports it as "unexpected pos").
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 @contextmanager
@@ -82,7 +116,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     try:
         yield staging
         folder_mode, file_mode = _default_mode(directory=True), _default_mode(directory=False)
@@ -96,33 +130,65 @@ def atomic_directory(path: Path) -> Iterator[Path]:
                 os.chmod(item, file_mode)
                 _fsync(item)
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", suffix=TEMP_SUFFIX, dir=path.parent))
             os.replace(path, old / path.name)
             os.replace(staging, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _raise_as_os_error(error, path)
     _fsync(path.parent)
+
+
+def is_leftover(name: str, output_names: Iterable[str]) -> bool:
+    """Whether ``name`` is a temporary file or folder that an atomic write of one of ``output_names`` creates."""
+    alternatives = "|".join(re.escape(n) for n in output_names)
+    return re.fullmatch(rf"\.(?:{alternatives})\.(?:old\.)?{_RANDOM_PART}{re.escape(TEMP_SUFFIX)}", name) is not None
 
 
 def remove_leftovers(folder: Path, names: Iterable[str]) -> list[Path]:
     """Remove the temporary files and staging folders that an interrupted write of ``names`` left in ``folder``.
 
     A process killed (e.g. SIGKILL) in the middle of :func:`atomic_write` or :func:`atomic_directory` cannot clean
-    up after itself; its ``.NAME.*`` entries are never valid outputs. Returns what was removed.
+    up after itself; its ``.NAME.<random>.surm-tmp`` entries are never valid outputs. Only names of exactly that
+    form are removed (a user's ``.NAME.notes`` stays), and a symbolic link is removed as a link, never followed.
+    Returns what was removed.
     """
     folder = Path(folder)
+    names = tuple(names)
     removed: list[Path] = []
-    if not folder.is_dir():
+    if not folder.is_dir() or not names:
         return removed
-    for name in names:
-        for item in folder.glob(f".{name}.*"):
-            if item.is_dir() and not item.is_symlink():
-                shutil.rmtree(item, ignore_errors=True)
-            else:
-                item.unlink(missing_ok=True)
-            removed.append(item)
+    for item in sorted(folder.iterdir()):
+        if not is_leftover(item.name, names):
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+        removed.append(item)
     return removed
+
+
+def check_writable(folder: Path) -> None:
+    """Check that files can be created in ``folder`` (or, if it does not exist yet, in its nearest existing parent)
+    by creating and removing a probe file, before any model is loaded.
+
+    Raises:
+        ValueError: naming the folder and the operating system's reason.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output {folder}: {existing} is not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=TEMP_SUFFIX, dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"--output {folder} is not writable: cannot create files in {existing} "
+                         f"({error.strerror})") from None

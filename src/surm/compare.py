@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import textwrap
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -100,12 +102,45 @@ def changed_settings(finished: dict[str, Any], finetune_args: list[str]) -> list
     return sorted(k for k in set(wanted) | set(recorded) if k != "output" and wanted.get(k) != recorded.get(k))
 
 
-def run_one(spec: MethodSpec, seed: int, output: Path, common: list[str]) -> Optional[dict[str, Any]]:
+class Children:
+    """The ``surm finetune`` processes a comparison runs; on Ctrl-C none starts any more and the running ones are
+    interrupted too (each writes nothing half-done and keeps its last checkpoint)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self.stopped = False
+
+    def run(self, command: list[str]) -> int:
+        """Run ``command`` to its end and return its exit status; KeyboardInterrupt once stopped."""
+        with self._lock:
+            if self.stopped:
+                raise KeyboardInterrupt
+            process = subprocess.Popen(command, env=os.environ.copy())
+            self._running.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self._lock:
+                self._running.discard(process)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            for process in self._running:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGINT)
+
+
+def run_one(spec: MethodSpec, seed: int, output: Path, common: list[str],
+            children: Optional[Children] = None) -> Optional[dict[str, Any]]:
     """Run (or reuse) one ``surm finetune`` and return its results, or None if it failed (e.g. diverged).
 
     Finished results are reused only if they were made with the same settings; results of other settings (an
     earlier comparison in the same folder with other flags) count as a failed run instead of being mixed in.
+    A run interrupted by Ctrl-C raises KeyboardInterrupt.
     """
+    children = children or Children()
     results = output / "results.json"
     finetune_args = ["--structure", spec.name, "--mode", spec.mode, "--seed", str(seed), "--output", str(output),
                      *common, *spec.args]
@@ -121,9 +156,11 @@ def run_one(spec: MethodSpec, seed: int, output: Path, common: list[str]) -> Opt
     if (output / "checkpoint.pt").exists():
         command.append("--resume")
     print(f"[compare] {spec.key} seed {seed}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
-    completed = subprocess.run(command, env=os.environ.copy())
-    if completed.returncode != 0:
-        print(f"[compare] FAILED: {spec.key} seed {seed} (exit {completed.returncode}); see {output}", file=sys.stderr)
+    code = children.run(command)
+    if code in (130, -signal.SIGINT):
+        raise KeyboardInterrupt
+    if code != 0:
+        print(f"[compare] FAILED: {spec.key} seed {seed} (exit {code}); see {output}", file=sys.stderr)
         return None
     return json.loads(results.read_text())
 
@@ -198,11 +235,20 @@ def compare(
     ``jobs`` runs go at the same time (useful on a GPU; train times are then not comparable between methods).
     Returns the table and the list of failed runs (which are left out of the table and listed under it).
     """
+    atomic.check_writable(output)
     output.mkdir(parents=True, exist_ok=True)
     tasks = [(spec, seed) for spec in specs for seed in seeds]
+    children = Children()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        finished = list(pool.map(
-            lambda task: run_one(task[0], task[1], output / "runs" / task[0].key / f"seed{task[1]}", common), tasks))
+        futures = [pool.submit(run_one, spec, seed, output / "runs" / spec.key / f"seed{seed}", common, children)
+                   for spec, seed in tasks]
+        try:
+            finished = [future.result() for future in futures]
+        except KeyboardInterrupt:  # Ctrl-C: start nothing new, interrupt what runs, then say how to continue
+            children.stop()
+            for future in futures:
+                future.cancel()
+            raise
     runs: dict[str, list[dict[str, Any]]] = {}
     failed = []
     for (spec, seed), result in zip(tasks, finished):

@@ -6,7 +6,7 @@ and alphas come from the sweep documented in ``docs/sweep.md``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from peft import BOFTConfig, C3AConfig, LoKrConfig, LoraConfig, PeftConfig
@@ -15,6 +15,11 @@ from .peft import SurmConfig
 from .structures import STRUCTURES
 
 PEFT_BASELINES = ("lora", "c3a", "lokr", "boft")
+#: The SurmConfig settings a surm method's ``options`` may hold: all but the method itself (structure, mode,
+#: target_modules, which MethodChoice holds) and PEFT's provenance fields (task type, base model, ...).
+SURM_OPTIONS: tuple[str, ...] = tuple(
+    f.name for f in fields(SurmConfig)
+    if f.name not in {g.name for g in fields(PeftConfig)} | {"structure", "mode", "target_modules"})
 METHODS = (*STRUCTURES, *PEFT_BASELINES, "full")
 
 #: Learning rates per method for AdamW (see docs/sweep.md for how they were chosen).
@@ -95,6 +100,11 @@ def build_peft_config(choice: MethodChoice, task_type: Optional[str], head: list
         common["modules_to_save"] = head
     options = dict(choice.options)
     if choice.name in STRUCTURES:
+        unknown = sorted(set(options) - set(SURM_OPTIONS))
+        if unknown:
+            raise ValueError(f"option(s) {unknown} do not apply to {choice.name}; surm options: {list(SURM_OPTIONS)}")
+        if task_type is None or options.get("modules_to_save") is not None:  # the head is always trained and saved
+            common["modules_to_save"] = sorted(set(head) | set(options.pop("modules_to_save", None) or []))
         return SurmConfig(structure=choice.name, mode=choice.mode, **options, **common)
     builders = {
         "lora": (LoraConfig, {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}, {"r": 8, "lora_alpha": 16}),

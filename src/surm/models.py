@@ -71,13 +71,24 @@ def text_collate(tokenizer: Any, max_length: int) -> Collate:
     return collate
 
 
+def check_max_length(name: str, config: Any, max_length: int) -> None:
+    """Refuse a ``--max-length`` beyond the positions the model has (it would fail mid-run with a shape error).
+
+    Raises:
+        ValueError: naming the value and the model's maximum.
+    """
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ValueError(f"--max-length {max_length} exceeds the {limit} positions of model {name!r}; use at most {limit}")
+
+
 def load_text_classifier(name: str, num_labels: int, max_length: int = 64) -> LoadedModel:
     """A sequence classifier with a fresh head of ``num_labels`` classes, and a collate function for its tokenizer.
 
     Raises:
         ValueError: if the model cannot be found locally and the hub is unreachable or has no such model.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     source = resolve_text_model(name)
@@ -91,8 +102,10 @@ def load_text_classifier(name: str, num_labels: int, max_length: int = 64) -> Lo
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected here
     hf_logging.disable_progress_bar()
     try:
+        config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+        check_max_length(name, config, max_length)  # before the weights are read
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(source, config=config)
     except OSError as error:
         raise ValueError(f"cannot load model {name!r} from {source!r}: {error}") from None
     finally:

@@ -35,6 +35,7 @@ import functools
 import itertools
 import json
 import math
+import re
 import sys
 import textwrap
 import time
@@ -47,6 +48,8 @@ from typing import Any, Optional
 import numpy as np
 
 from . import atomic
+from .checkpoint import CHECKPOINT, read_checkpoint
+from .errors import RunsFailed, SurmError, TrainingDiverged
 from .methods import DEFAULT_LEARNING_RATES, HEAD_LEARNING_RATE, MethodChoice, build_peft_config
 from .structures import STRUCTURES
 
@@ -220,9 +223,22 @@ class Candidate:
                 "bottleneck": self.bottleneck, "lr": self.lr, "alpha": self.alpha}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Candidate":
-        return cls(data["family"], data["mode"], data["targets"], tuple(sorted(data["options"].items())),
-                   data["bottleneck"], data["lr"], data["alpha"])
+    def from_json(cls, data: Any) -> "Candidate":
+        """The candidate stored in a study by :meth:`to_json`.
+
+        Raises:
+            SurmError: if ``data`` is not such a record (a foreign or altered study storage).
+        """
+        try:
+            candidate = cls(data["family"], data["mode"], data["targets"], tuple(sorted(data["options"].items())),
+                            data["bottleneck"], float(data["lr"]), float(data["alpha"]))
+            if not (isinstance(candidate.family, str) and isinstance(candidate.targets, str)
+                    and all(isinstance(k, str) for k, _ in candidate.options)):
+                raise TypeError
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise SurmError(f"the study holds a malformed trial configuration {data!r}; it was not written by surm "
+                            "search: use another --storage or --study-name") from None
+        return candidate
 
 
 def sample_candidate(trial: Any, settings: SearchSettings) -> Candidate:
@@ -543,6 +559,7 @@ class Search:
         self.settings = settings
         self.log = log or sys.stderr
         # Everything that can fail on bad input happens here, before any training.
+        atomic.check_writable(settings.output)
         self.storage = open_storage(settings.storage, settings.heartbeat)
         self.counter = ParameterCounter(settings)
         smallest, cheapest, fitting, self.valid = self.counter.smallest(settings)
@@ -600,7 +617,7 @@ class Search:
             tally = counts(trials)
             if tally.get("waiting", 0) or tally["occupying"] < settings.trials:
                 if tally.get("rejected", 0) + tally.get("invalid", 0) > 50 * settings.trials:
-                    raise RuntimeError(f"more than {50 * settings.trials} configurations were rejected; the budget "
+                    raise SurmError(f"more than {50 * settings.trials} configurations were rejected; the budget "
                                        "leaves too little of the space")
                 self.study.optimize(self._objective, n_trials=1, catch=(_Surplus,), gc_after_trial=True)
                 waited = False
@@ -647,7 +664,8 @@ class Search:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(me)
-        folder = self.settings.output / "trials" / f"trial-{(retried[0] if retried else trial.number):04d}"
+        folder = trial_folder(self.settings.output, f"trial-{(retried[0] if retried else trial.number):04d}",
+                              trial.number)
         trial.set_user_attr("status", "training")
         trial.set_user_attr("folder", folder.name)
         return self._train(trial, candidate, params, folder)
@@ -697,9 +715,7 @@ class Search:
                 trial.set_user_attr("reason", str(pruned))
                 self._report(trial.number, "pruned", f"{candidate.describe()}: {pruned}")
                 raise
-            except RuntimeError as error:
-                if "diverged" not in str(error):
-                    raise
+            except TrainingDiverged as error:
                 trial.set_user_attr("status", "diverged")
                 trial.set_user_attr("reason", str(error))
                 self._report(trial.number, "diverged", candidate.describe())
@@ -744,7 +760,7 @@ class Search:
             trials = self.study.get_trials(deepcopy=True)
             best = best_trial(trials)
             if best is None:
-                raise RuntimeError(f"no trial completed in study {self.settings.study_name!r}: nothing to report "
+                raise RunsFailed(f"no trial completed in study {self.settings.study_name!r}: nothing to report "
                                    f"({json.dumps(counts(trials))})")
             front = pareto_front(trials)
             tested = {best.number: self._test(best)}
@@ -766,7 +782,9 @@ class Search:
         return summary
 
     def _folder(self, trial: Any) -> Path:
-        return self.settings.output / "trials" / trial.user_attrs["folder"]
+        """The trial's folder under ``--output/trials``, from the name stored in the study, checked: a tampered
+        storage must not make a worker read or write outside ``--output``."""
+        return trial_folder(self.settings.output, trial.user_attrs.get("folder"), trial.number)
 
     def _test(self, trial: Any) -> dict[str, Any]:
         """The trial's test results: from its checkpoint (training it again only if this machine lacks it)."""
@@ -779,7 +797,7 @@ class Search:
             config = RunConfig(method=candidate.method(), output=folder, lr=candidate.lr, resume=True,
                                **self.settings.run_kwargs())
             self._say(f"evaluating trial {trial.number} on the test split"
-                      + ("" if (folder / "checkpoint.pt").exists() else " (no checkpoint here: training it again)"))
+                      + ("" if (folder / CHECKPOINT).exists() else " (no checkpoint here: training it again)"))
             with _quiet(folder):
                 _make_run(config).execute()
         return json.loads(results.read_text())
@@ -829,18 +847,40 @@ def _make_run(config: Any) -> Any:
     return Run(config)
 
 
+#: The folder name of a trial under ``--output/trials`` (the number of the trial that first trained it).
+TRIAL_FOLDER = re.compile(r"trial-\d{4,9}")
+
+
+def trial_folder(output: Path, name: Any, number: int) -> Path:
+    """``output/trials/name`` for a stored trial folder name, checked to be a trial folder inside ``output/trials``.
+
+    Raises:
+        SurmError: if the name is not of the form ``trial-NNNN`` (a tampered or foreign study storage).
+    """
+    root = (Path(output) / "trials").resolve()
+    folder = (root / name).resolve() if isinstance(name, str) else None
+    if folder is None or not TRIAL_FOLDER.fullmatch(name) or folder.parent != root:
+        raise SurmError(f"trial {number} of the study names the folder {name!r}, which is not a surm trial folder "
+                        f"(trial-NNNN inside {root}); the study storage has been altered: use another --storage or "
+                        "--study-name")
+    return folder
+
+
 def _checkpoint_history(folder: Path, config: Any) -> tuple[list[dict[str, float]], bool]:
     """The validation history in the checkpoint that a retried trial resumes from, and whether that run already
-    trained every epoch (its worker died after the last checkpoint); ([], False) without a usable checkpoint."""
-    import torch
+    trained every epoch (its worker died after the last checkpoint); ([], False) without a checkpoint of these
+    settings. The checkpoint is read safely (see :func:`surm.checkpoint.read_checkpoint`).
 
-    path = folder / "checkpoint.pt"
+    Raises:
+        CheckpointError: if the checkpoint cannot be read or is not a surm checkpoint.
+    """
+    path = folder / CHECKPOINT
     if not path.exists():
         return [], False
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if checkpoint.get("settings") != config.describe():
+    checkpoint = read_checkpoint(path)
+    if checkpoint["settings"] != config.describe():
         return [], False
-    return list(checkpoint["history"]), checkpoint.get("epoch") == config.epochs
+    return list(checkpoint["history"]), checkpoint["epoch"] == config.epochs
 
 
 @contextlib.contextmanager

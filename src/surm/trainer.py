@@ -24,12 +24,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__, atomic
+from .checkpoint import CHECKPOINT, check_resumable, read_checkpoint, save_checkpoint
 from .data import DatasetSplits, accuracy, is_imbalanced, load_dataset, macro_f1
 from .distributed import Topology, barrier, broadcast_object, gather_objects, init_topology, shutdown
+from .errors import CheckpointError, TrainingDiverged
 from .methods import DEFAULT_LEARNING_RATES, HEAD_LEARNING_RATE, MethodChoice, build_peft_config
 from .models import LoadedModel, load_model
 
-CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 LOG = "train.log"
 #: ``on_epoch(epoch, validation_metrics)``, called after each epoch (see :meth:`Run.execute`).
@@ -83,10 +84,11 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not 0 <= self.warmup_ratio < 1:
+        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
@@ -102,6 +104,57 @@ class RunConfig:
         for key in ("resume", "checkpoint_every", "device", "extra"):
             data.pop(key)
         return data
+
+
+@dataclass
+class LossWatch:
+    """Divergence detection: a non-finite loss, or a loss above :attr:`FACTOR` x the starting loss for
+    :attr:`PATIENCE` steps in a row.
+
+    The starting loss is that of the first step (computed at the initial weights), but at least ln(C) for C classes
+    (a uniform guess), so that an easy first batch does not make the bar low. A healthy run stays near or below it;
+    a learning rate far too high sends the loss to hundreds or thousands while it stays finite. The state is saved in
+    checkpoints, so a resumed run watches exactly as an uninterrupted one.
+    """
+
+    FACTOR = 10.0
+    PATIENCE = 3
+
+    start: Optional[float] = None
+    above: int = 0
+
+    def observe(self, loss: float, num_labels: int) -> Optional[str]:
+        """Record one step's loss; return why training diverged, or None."""
+        if not math.isfinite(loss):
+            return f"non-finite loss {loss}"
+        if self.start is None:
+            self.start = max(loss, math.log(max(num_labels, 2)))
+            return None
+        self.above = self.above + 1 if loss > self.FACTOR * self.start else 0
+        if self.above >= self.PATIENCE:
+            return (f"loss {loss:.4g} above {self.FACTOR:g} x the starting loss {self.start:.4g} for "
+                    f"{self.PATIENCE} steps in a row")
+        return None
+
+    def state(self) -> dict[str, Any]:
+        return {"start": self.start, "above": self.above}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> LossWatch:
+        start, above = state.get("start"), state.get("above", 0)
+        if not ((start is None or (isinstance(start, float) and math.isfinite(start))) and isinstance(above, int)):
+            raise ValueError(f"malformed loss watch state {state!r}")
+        return cls(start, above)
+
+
+def divergence_cause(lr: float, head_lr: float, weight_decay: float) -> str:
+    """The likely cause of a divergence, as advice: AdamW's decay multiplies every weight by (1 - lr x decay) each
+    step, which flips and grows the weights once lr x decay exceeds 1; otherwise the learning rate is too high."""
+    decay = max(lr, head_lr) * weight_decay
+    if decay >= 1:
+        return (f"the weight decay: --weight-decay {weight_decay:g} x learning rate {max(lr, head_lr):g} = {decay:g} "
+                ">= 1 flips the sign of every weight each step; use a weight decay below 1 / lr")
+    return f"the learning rate: try a smaller --lr (now {lr:g}) or --head-lr (now {head_lr:g})"
 
 
 def pick_device(name: str, topology: Topology) -> torch.device:
@@ -200,6 +253,15 @@ class Run:
         self.peft_config = build_peft_config(config.method, self.loaded.task_type, self.loaded.head,
                                              self.loaded.default_targets)
         self.model = self._wrap(self.loaded.model).to(self.device)
+        self.steps_per_epoch = len(epoch_batches(len(self.train_examples), config.batch_size, config.seed, 0,
+                                                 self.topology.world_size))
+        self.optimizer = self._optimizer()
+        from transformers import get_linear_schedule_with_warmup
+
+        total_steps = self.steps_per_epoch * config.epochs
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(config.warmup_ratio * total_steps),
+                                                         total_steps)
+        self.checkpoint = self._read_checkpoint()  # checked against this run before anything is written
 
     # -- set-up --------------------------------------------------------------------------------------------
 
@@ -221,6 +283,8 @@ class Run:
         if foreign and not checkpoint.exists():
             raise ValueError(f"{self.output} already holds {foreign[0]!r}, which is not the output of a surm run "
                              "(no checkpoint.pt); choose another --output")
+        if self.topology.is_main:
+            atomic.check_writable(self.output)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.peft_config is None:
@@ -246,29 +310,55 @@ class Run:
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def _trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _check_finite(self, what: str) -> None:
+        """Refuse to save non-finite weights (they would be reloaded, merged or served as if trained)."""
+        bad = [n for n, p in self._trainable_parameters().items() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged: {len(bad)} trainable tensor(s) hold NaN or inf (first: {bad[0]}); not writing "
+                f"the {what}; likely cause: "
+                f"{divergence_cause(self.config.learning_rate, self.config.head_lr, self.config.weight_decay)}")
+
     def _save_checkpoint(self, state: dict[str, Any]) -> None:
+        self._check_finite("checkpoint")
         rng = gather_objects(self.topology, torch.get_rng_state())
         if self.topology.is_main:
-            atomic.torch_save({**state, "rng": rng, "trainable": self._trainable_state(),
-                               "settings": self.config.describe()}, self.output / CHECKPOINT)
+            save_checkpoint(self.output / CHECKPOINT, {
+                **state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng, "trainable": self._trainable_state(), "settings": self.config.describe()})
         barrier(self.topology)
 
-    def _load_checkpoint(self) -> Optional[dict[str, Any]]:
+    def _read_checkpoint(self) -> Optional[dict[str, Any]]:
+        """The checkpoint to resume from (None for a fresh run), read safely and checked against this run.
+
+        Raises:
+            CheckpointError: if it cannot be read or does not match this run; nothing has been written then.
+        """
         path = self.output / CHECKPOINT
         if not (self.config.resume and path.exists()):
             return None
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        # Where the folder lives does not change the training: a moved (or differently spelled) folder resumes.
-        saved, wanted = checkpoint["settings"], self.config.describe()
-        changed = sorted(k for k in set(saved) | set(wanted) if k != "output" and saved.get(k) != wanted.get(k))
-        if changed:
-            raise ValueError(f"cannot resume {path}: settings changed since it was written ({changed})")
-        parameters = dict(self.model.named_parameters())
+        checkpoint = read_checkpoint(path)
+        check_resumable(path, checkpoint, settings=self.config.describe(), parameters=self._trainable_parameters(),
+                        optimizer=self.optimizer, scheduler=self.scheduler, world_size=self.topology.world_size,
+                        epochs=self.config.epochs, steps_per_epoch=self.steps_per_epoch)
+        try:
+            LossWatch.from_state(checkpoint["loss_watch"])
+        except ValueError as error:
+            raise CheckpointError(f"cannot resume {path}: {error}") from None
+        return checkpoint
+
+    def _resume(self, checkpoint: dict[str, Any]) -> None:
+        """Load a checked checkpoint into the model, optimizer, scheduler and random state."""
+        parameters = self._trainable_parameters()
         with torch.no_grad():
             for name, value in checkpoint["trainable"].items():
                 parameters[name].copy_(value)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
         torch.set_rng_state(checkpoint["rng"][self.topology.rank])
-        return checkpoint
 
     # -- evaluation ------------------------------------------------------------------------------------------
 
@@ -316,22 +406,16 @@ class Run:
             if leftovers:
                 log.info("removed temporary files of an interrupted run: %s", ", ".join(p.name for p in leftovers))
         trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        optimizer = self._optimizer()
-        steps_per_epoch = len(epoch_batches(len(self.train_examples), config.batch_size, config.seed, 0,
-                                            self.topology.world_size))
-        total_steps = steps_per_epoch * config.epochs
-        from transformers import get_linear_schedule_with_warmup
-
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+        optimizer, scheduler = self.optimizer, self.scheduler
+        total_steps = self.steps_per_epoch * config.epochs
         state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_seconds": 0.0,
-                                 "samples": 0}
-        checkpoint = self._load_checkpoint()
-        if checkpoint is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            state = {k: checkpoint[k] for k in state}
+                                 "samples": 0, "loss_watch": LossWatch().state()}
+        if self.checkpoint is not None:
+            self._resume(self.checkpoint)
+            state = {k: self.checkpoint[k] for k in state}
             log.info("resumed from %s at epoch %d, step %d", self.output / CHECKPOINT, state["epoch"] + 1,
                      state["step_in_epoch"])
+        watch = LossWatch.from_state(state["loss_watch"])
         model = DistributedDataParallel(self.model) if topology.distributed else self.model
         log.info("method %s: %s trainable parameters; %d train / %d validation / %d test examples; %d steps",
                  config.method.label, f"{trainable_params:,}", len(self.train_examples),
@@ -342,37 +426,38 @@ class Run:
         while state["epoch"] < config.epochs:
             epoch = state["epoch"]
             batches = epoch_batches(len(self.train_examples), config.batch_size, config.seed, epoch, topology.world_size)
-            bar = tqdm(total=len(batches), initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{config.epochs}",
-                       disable=not topology.is_main, mininterval=1.0, file=sys.stderr)
-            for index in range(state["step_in_epoch"], len(batches)):
-                start = time.perf_counter()
-                loss = self._step(model, batches[index], optimizer, scheduler)
-                if not math.isfinite(loss):
-                    raise RuntimeError(
-                        f"training diverged: non-finite loss {loss} at step {state['global_step'] + 1} with lr "
-                        f"{config.learning_rate:g}; try a smaller --lr"
-                    )
-                state["train_seconds"] += time.perf_counter() - start
-                state["samples"] += len(batches[index])
-                state["global_step"] += 1
-                state["step_in_epoch"] = index + 1
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                samples_per_s=f"{state['samples'] / max(state['train_seconds'], 1e-9):.1f}")
-                bar.update(1)
-                if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0 and index + 1 < len(batches):
-                    self._save_checkpoint({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
-            bar.close()
+            with tqdm(total=len(batches), initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{config.epochs}",
+                      disable=not topology.is_main, mininterval=1.0, file=sys.stderr) as bar:
+                for index in range(state["step_in_epoch"], len(batches)):
+                    start = time.perf_counter()
+                    loss = self._step(model, batches[index], optimizer, scheduler)
+                    diverged = watch.observe(loss, self.data.num_labels)
+                    if diverged:
+                        raise TrainingDiverged(
+                            f"training diverged at step {state['global_step'] + 1}: {diverged}; likely cause: "
+                            f"{divergence_cause(config.learning_rate, config.head_lr, config.weight_decay)}")
+                    state["loss_watch"] = watch.state()
+                    state["train_seconds"] += time.perf_counter() - start
+                    state["samples"] += len(batches[index])
+                    state["global_step"] += 1
+                    state["step_in_epoch"] = index + 1
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                    samples_per_s=f"{state['samples'] / max(state['train_seconds'], 1e-9):.1f}")
+                    bar.update(1)
+                    if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0 and index + 1 < len(batches):
+                        self._save_checkpoint(state)
             metrics = self.evaluate(self.validation_examples)
             state["history"].append({"epoch": epoch + 1, "step": state["global_step"], **metrics})
             log.info("epoch %d: validation accuracy %.4f, macro-F1 %.4f, loss %.4f", epoch + 1, metrics["accuracy"],
                      metrics["macro_f1"], metrics["loss"])
             state["epoch"] += 1
             state["step_in_epoch"] = 0
-            self._save_checkpoint({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+            self._save_checkpoint(state)
             if on_epoch is not None:
                 on_epoch(state["epoch"], metrics)
         test = self.evaluate(self.test_examples)
         results = self._results(state, test, trainable_params)
+        self._check_finite("adapter" if self.peft_config is not None else "model")
         if topology.is_main:
             self._save_model()
             atomic.write_json(self.output / RESULTS, results)

@@ -95,6 +95,12 @@ def load_dataset(name_or_path: str | Path, *, text_column: str = "text", text_pa
     if not isinstance(name_or_path, Path) and name in catalog.IMAGE_SETS:
         return _image_splits(name, **split_args)
     path = Path(name).expanduser()
+    if path.is_dir() and not hub.datasets_available():
+        files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SUPPORTED)[:5]
+        raise ValueError(f"dataset {name!r} is a folder; surm reads one data file ({', '.join(SUPPORTED)}): pass a file "
+                         f"inside it{' (found: ' + ', '.join(files) + ')' if files else ''}, or an embedded dataset "
+                         f"({', '.join(catalog.EMBEDDED)}); a folder can be read only through the 'datasets' package, "
+                         "which is not installed")
     if path.is_file() or isinstance(name_or_path, Path) or _looks_like_path(name):
         if not path.exists():
             raise ValueError(f"file not found: {path}")
