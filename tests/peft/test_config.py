@@ -107,6 +107,10 @@ WRONG_TYPES = [
     ({"override_pattern": {"up": {"structure": "monarch", "nblocks": 2.0}}}, "nblocks", rf"{UP}nblocks {INT}2\.0$"),
     ({"override_pattern": {"up": {"structure": "kronecker", "factors": [2]}}}, "factors", rf"{UP}{PAIR}\[2\]$"),
     ({"mode": "adapter", "override_pattern": {"up": {"bottleneck": "3"}}}, "bottleneck", rf"{UP}bottleneck {INT}'3'$"),
+    ({"structure": "circulant", "parameterization": "prod"}, "parameterization",
+     r"^SurmConfig: parameterization must be one of \['plain', 'product'\], got 'prod'$"),
+    ({"override_pattern": {"up": {"structure": "toeplitz", "parameterization": 1}}}, "parameterization",
+     rf"{UP}parameterization must be one of \['plain', 'product'\], got 1$"),
 ]
 
 
@@ -149,7 +153,6 @@ def test_overridable_keys_are_listed_in_the_error():
         ({"structure": "lowrank", "rank": 0}, r"'encoder\.layers\.0\.mix'.*rank must be a positive integer, got 0"),
         ({"structure": "monarch", "nblocks": 13}, r"monarch nblocks=13 exceeds min\(out_features, in_features\)=12; valid: 1\.\.12"),
         ({"structure": "kronecker", "factors": [5, 5]}, r"kronecker factors=\(5, 5\): 5 does not divide out_features=12"),
-        ({"structure": "circulant", "parameterization": "prod"}, r"parameterization must be 'plain' or 'product', got 'prod'"),
         ({"structure": "ldr", "displacement_rank": -1}, r"displacement_rank must be a positive integer, got -1"),
         ({"structure": "lowrank", "rank": 13}, r"lowrank rank=13 exceeds max\(out_features, .*=12; valid: 1\.\.12$"),
         ({"structure": "monarch", "block_rank": 10**8}, r"monarch block_rank=100000000 exceeds .*=12; valid: 1\.\.12"),

@@ -41,8 +41,8 @@ def test_registered_in_every_peft_mapping():
 
 def test_registration_is_idempotent():
     members_before = list(PeftType.__members__)
-    registration.register()
-    registration.register()
+    registration.register(surm.SurmConfig, surm.SurmModel)
+    registration.register(surm.SurmConfig, surm.SurmModel)
     assert registration._add_peft_type_member("SURM") is PeftType.SURM
     assert list(PeftType.__members__) == members_before
 

@@ -6,7 +6,7 @@ from .layer import NotMergeableError, SurmLayer
 from .model import SurmModel
 from .registration import SURM_PEFT_TYPE, register
 
-register()
+register(SurmConfig, SurmModel)
 
 __all__ = [
     "SURM_PEFT_TYPE",

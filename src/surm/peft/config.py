@@ -11,18 +11,35 @@ from peft.config import PeftConfig
 
 from ..execution import EXECUTIONS
 from ..insertion import ACTIVATIONS
-from ..structures import STRUCTURES, structure_options
+from ..structures import STRUCTURES, option_declarations, structure_options
+from .registration import SURM_PEFT_TYPE
 
 MODES = ("delta", "adapter")
-#: Config fields that are forwarded to the family constructor when set (None means "the family's default").
-FAMILY_OPTION_FIELDS = ("rank", "nblocks", "block_rank", "factors", "terms", "displacement_rank", "parameterization")
-#: Family option fields that take a positive integer (the family checks the upper bound, which depends on the shape).
-INTEGER_OPTION_FIELDS = ("rank", "nblocks", "block_rank", "terms", "displacement_rank")
+#: Config fields forwarded to the family constructor when set (None: the family's default): one per option name
+#: that some registered family declares (:attr:`surm.structures.StructuredMatrix.options`).
+FAMILY_OPTION_FIELDS: tuple[str, ...] = tuple(option_declarations())
 #: Keys an ``override_pattern`` entry may set.
 OVERRIDABLE = ("structure", *FAMILY_OPTION_FIELDS, "alpha", "bottleneck")
+#: The field annotation of each kind of family option.
+_OPTION_ANNOTATIONS = {int: "Optional[int]", str: "Optional[str]", tuple: "Optional[list[int]]"}
+
+
+def _with_family_options(cls: type) -> type:
+    """Add one field per family option name of the registry to ``cls`` before ``@dataclass`` makes it a dataclass.
+
+    Each is None by default (the family's own default) and its help names every family that has the option.
+    """
+    for name, declarations in option_declarations().items():
+        kind = next(iter(declarations.values())).kind
+        text = " ".join(f"{family}: {option.help} (default {option.default!r})."
+                        for family, option in declarations.items())
+        cls.__annotations__[name] = _OPTION_ANNOTATIONS[kind]
+        setattr(cls, name, field(default=None, metadata={"help": text}))
+    return cls
 
 
 @dataclass
+@_with_family_options
 class SurmConfig(PeftConfig):
     """Configuration of a surm adapter: a structured matrix as LoRA's ΔW ("delta") or as an Adapter ("adapter").
 
@@ -30,6 +47,10 @@ class SurmConfig(PeftConfig):
     ``nn.Conv2d``; mergeable. Mode ``"adapter"``: on the output h of each targeted module,
     ``h <- h + act(S · dropout(h)) + b`` with S a structured d x d map (SURM-Adapter, the identity at start), or
     with ``bottleneck=k``, ``h <- h + U act(D · dropout(h))`` with structured D (k x d), U (d x k), U = 0 at start.
+
+    The family's options (``rank``, ``nblocks``, ``block_rank``, ``factors``, ``terms``, ``displacement_rank``,
+    ``parameterization``, ...) are fields too, one per option name a registered family declares; None means the
+    family's default.
 
     Raises:
         ValueError: for a field of the wrong type or outside its range (``dropout="0.1"``, NaN dropout, ``rank=8.0``),
@@ -41,35 +62,26 @@ class SurmConfig(PeftConfig):
         default="circulant",
         metadata={"help": f"Structured family of M (or S): one of {sorted(STRUCTURES)}."},
     )
-    rank: Optional[int] = field(
-        default=None, metadata={"help": "lowrank: the rank r (default 8). kronecker: SURM's r, factors (m/r, r)."}
-    )
-    nblocks: Optional[int] = field(default=None, metadata={"help": "monarch: number of blocks N (default 4)."})
-    block_rank: Optional[int] = field(default=None, metadata={"help": "monarch: rank of each block r_b (default 4)."})
-    factors: Optional[list[int]] = field(
-        default=None, metadata={"help": "kronecker: shape (m1, n1) of the first factor; default near sqrt."}
-    )
-    terms: Optional[int] = field(default=None, metadata={"help": "kronecker: number of Kronecker products summed."})
-    displacement_rank: Optional[int] = field(default=None, metadata={"help": "ldr: displacement rank r (default 1)."})
-    parameterization: Optional[str] = field(
-        default=None,
-        metadata={"help": "circulant/toeplitz/symmetric_toeplitz: 'plain' (default) or 'product' (SURM's form)."},
-    )
     mode: Literal["delta", "adapter"] = field(
         default="delta", metadata={"help": "'delta' (structured ΔW, mergeable) or 'adapter' (on module outputs)."}
     )
-    alpha: float = field(default=1.0, metadata={"help": "Scale s of the update: h = W0 x + s · M x (delta mode)."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter's input."})
+    # Settings marked "cli" are also ``surm finetune`` flags (of that type).
+    alpha: float = field(
+        default=1.0, metadata={"cli": float, "help": "Scale s of the update: h = W0 x + s · M x (delta mode)."}
+    )
+    dropout: float = field(default=0.0, metadata={"cli": float, "help": "Dropout probability on the adapter's input."})
     bottleneck: Optional[int] = field(
         default=None,
-        metadata={"help": "Adapter mode: bottleneck width k (h + U act(D h)); None for SURM's single d x d map."},
+        metadata={"cli": int,
+                  "help": "Adapter mode: bottleneck width k (h + U act(D h)); None for SURM's single d x d map."},
     )
     activation: str = field(
-        default="gelu", metadata={"help": f"Adapter mode: the non-linearity act, one of {ACTIVATIONS}."}
+        default="gelu", metadata={"cli": str, "help": f"Adapter mode: the non-linearity act, one of {ACTIVATIONS}."}
     )
     execution: str = field(
         default="auto",
         metadata={
+            "cli": str,
             "help": f"Delta mode: how M is applied, one of {EXECUTIONS}. 'structured': the family's fast apply on "
             "every token (FFT, small products). 'dense': dense(M) built once per forward and folded into the base "
             "layer's product, W0 + alpha · dense(M) (gradients reach M's parameters through dense()). 'auto': per "
@@ -111,15 +123,14 @@ class SurmConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .registration import SURM_PEFT_TYPE
-
         self.peft_type = SURM_PEFT_TYPE
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.factors, tuple):
-            self.factors = list(self.factors)
+        for name in FAMILY_OPTION_FIELDS:  # pairs are stored as lists, as JSON gives them back
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
         if self.mode not in MODES:
@@ -197,17 +208,9 @@ class SurmConfig(PeftConfig):
                 f"{where}: option(s) {invalid} do not apply to structure {name!r}; "
                 f"its options are {[o for o in valid if o != 'init']}"
             )
-        # Types here; values against the layer's shape (rank <= max(m, n), divisors, ...) when the family is built.
-        for key in INTEGER_OPTION_FIELDS:
-            if key in options and not _is_int(options[key]):
-                raise ValueError(f"{where}: {key} must be a positive integer or None, got {options[key]!r}")
-        if "factors" in options:
-            factors = options["factors"]
-            if not (isinstance(factors, (list, tuple)) and len(factors) == 2 and all(map(_is_int, factors))):
-                raise ValueError(
-                    f"{where}: factors must be None or a pair [m1, n1] of positive integers, got {factors!r}"
-                )
-            options["factors"] = tuple(factors)
+        # Kinds here; values against the layer's shape (rank <= max(m, n), divisors, ...) when the family is built.
+        declared = {option.name: option for option in STRUCTURES[name].options}
+        options = {key: declared[key].check_type(value, where) for key, value in options.items()}
         bottleneck = settings.get("bottleneck")
         if bottleneck is not None and not (_is_int(bottleneck) and bottleneck >= 1):
             raise ValueError(f"{where}: bottleneck must be a positive integer or None, got {bottleneck!r}")

@@ -48,7 +48,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
     source of truth for merge, unmerge and export); adapter-mode adapters refuse to merge.
 
     A delta adapter whose execution path (``SurmConfig.execution``, :mod:`surm.execution`) is dense is folded into
-    the base product, ``base(x; W0 + s_a · dense(M_a))``, where the layer allows it (see :meth:`_can_fold`);
+    the base product, ``base(x; W0 + s_a · dense(M_a))``, where the layer allows it (see :meth:`can_fold`);
     the others add ``s_a · M_a(dropout(x))`` to the base output.
     """
 
@@ -169,7 +169,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
     def _channels_back(self, h: Tensor) -> Tensor:
         return h.movedim(-1, -3) if self.kind == "conv2d" else h
 
-    def _can_fold(self, delta: DeltaUpdate, x: Tensor, args: tuple, kwargs: dict) -> bool:
+    def can_fold(self, delta: DeltaUpdate, x: Tensor, args: tuple, kwargs: dict) -> bool:
         """Whether ``delta`` may be applied inside the base layer's product as ``W0 + s · dense(M)``.
 
         Only for the plain layer types (not subclasses such as quantised layers), without extra call arguments,
@@ -212,7 +212,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         folded = [
             n
             for n in names
-            if self._can_fold(self.surm_delta[n], x, args, kwargs)
+            if self.can_fold(self.surm_delta[n], x, args, kwargs)
             and self.surm_delta[n].path(rows, folded=True) == "dense"
         ]
         if folded:

@@ -36,11 +36,8 @@ def _add_peft_type_member(name: str) -> PeftType:
 SURM_PEFT_TYPE: PeftType = _add_peft_type_member(SURM_NAME.upper())
 
 
-def register() -> None:
-    """Register SurmConfig / SurmModel with PEFT under the name ``surm`` (idempotent)."""
+def register(config_cls: type, model_cls: type) -> None:
+    """Register surm's config and tuner classes with PEFT under the name ``surm`` (idempotent)."""
     if SURM_PEFT_TYPE in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
-    from .config import SurmConfig
-    from .model import SurmModel
-
-    register_peft_method(name=SURM_NAME, config_cls=SurmConfig, model_cls=SurmModel, prefix=SurmModel.prefix)
+    register_peft_method(name=SURM_NAME, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)

@@ -11,11 +11,43 @@ from .kronecker import Kronecker
 from .ldr import LowDisplacementRank
 from .lowrank import LowRank
 from .monarch import Monarch
+from .options import Option
 from .symmetric_toeplitz import SymmetricToeplitz
 from .toeplitz import Toeplitz
 
-#: Every family by the name users pass to :func:`structure` (and later to ``SurmConfig(structure=...)``).
-STRUCTURES: dict[str, type[StructuredMatrix]] = {
+#: The constructor arguments every family has; the rest are its declared :attr:`StructuredMatrix.options`.
+_COMMON_ARGUMENTS = ("out_features", "in_features", "init")
+
+
+def _checked(families: dict[str, type[StructuredMatrix]]) -> dict[str, type[StructuredMatrix]]:
+    """``families``, after checking each family's declarations against its constructor.
+
+    Raises:
+        TypeError: if a family's options differ from its constructor's keyword arguments (names, order, defaults),
+            it lacks a positive ``default_lr``, or two families declare an option of the same name with other kinds.
+    """
+    kinds: dict[str, type] = {}
+    for name, family in families.items():
+        parameters = inspect.signature(family).parameters
+        taken = [p for p in parameters if p not in _COMMON_ARGUMENTS]
+        declared = [option.name for option in family.options]
+        if taken != declared:
+            raise TypeError(f"family {name!r} declares the options {declared}, but its constructor takes {taken}")
+        for option in family.options:
+            if parameters[option.name].default != option.default:
+                raise TypeError(f"family {name!r}: option {option.name!r} declares the default {option.default!r}, "
+                                f"the constructor has {parameters[option.name].default!r}")
+            if kinds.setdefault(option.name, option.kind) is not option.kind:
+                raise TypeError(f"option {option.name!r} of family {name!r} is a {option.kind.__name__}, another "
+                                f"family's is a {kinds[option.name].__name__}")
+        if not (isinstance(getattr(family, "default_lr", None), float) and family.default_lr > 0):
+            raise TypeError(f"family {name!r} declares no positive default_lr")
+    return families
+
+
+#: Every family by the name users pass to :func:`structure` and ``SurmConfig(structure=...)``. A new family is one
+#: module plus one line here; config fields, flags, the search space and the tests follow from its declarations.
+STRUCTURES: dict[str, type[StructuredMatrix]] = _checked({
     "lowrank": LowRank,
     "circulant": Circulant,
     "toeplitz": Toeplitz,
@@ -23,13 +55,26 @@ STRUCTURES: dict[str, type[StructuredMatrix]] = {
     "kronecker": Kronecker,
     "ldr": LowDisplacementRank,
     "monarch": Monarch,
-}
+})
 
 
 def structure_options(name: str) -> tuple[str, ...]:
-    """The options (keyword arguments besides the two sizes) that family ``name`` accepts."""
-    parameters = inspect.signature(_family(name)).parameters
-    return tuple(p for p in parameters if p not in ("out_features", "in_features"))
+    """The options (keyword arguments besides the two sizes) that family ``name`` accepts, ``init`` last."""
+    return (*(option.name for option in _family(name).options), "init")
+
+
+def option_declarations() -> dict[str, dict[str, Option]]:
+    """Every option name of any family -> {family: its declaration}, in registry order."""
+    declarations: dict[str, dict[str, Option]] = {}
+    for name, family in STRUCTURES.items():
+        for option in family.options:
+            declarations.setdefault(option.name, {})[name] = option
+    return declarations
+
+
+def search_space(name: str) -> dict[str, tuple[Any, ...]]:
+    """The options ``surm search`` tries for family ``name``: option -> values (None: the family's default)."""
+    return {option.name: option.search for option in _family(name).options if option.search}
 
 
 def structure(name: str, out_features: int, in_features: int, **options: Any) -> StructuredMatrix:
@@ -70,9 +115,12 @@ __all__ = [
     "LowDisplacementRank",
     "LowRank",
     "Monarch",
+    "Option",
     "StructuredMatrix",
     "SymmetricToeplitz",
     "Toeplitz",
+    "option_declarations",
+    "search_space",
     "structure",
     "structure_options",
 ]

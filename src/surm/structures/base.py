@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+
+from .options import Option
 
 Init = Literal["zero", "random"]
 INITS: tuple[str, ...] = ("zero", "random")
@@ -56,13 +58,23 @@ def thin_flops(flops: float, thinnest: int) -> float:
 class StructuredMatrix(nn.Module, ABC):
     """A trainable matrix M of shape (out_features, in_features) with a structured parameterisation.
 
-    Subclasses implement three things:
+    A family is one subclass that declares three class attributes and implements six methods:
 
+    * :attr:`options` -- its constructor's keyword arguments (besides the sizes and ``init``) as
+      :class:`~surm.structures.options.Option` declarations: type, default, help and the values ``surm search``
+      tries; ``SurmConfig``'s fields, the command-line flags and the search space are generated from them;
+    * :attr:`default_lr` -- the AdamW learning rate that works for it (``docs/sweep.md``);
+    * :attr:`peft_equivalent` -- True if PEFT offers the same method (low rank is LoRA), so that comparisons use
+      PEFT's own;
     * :meth:`forward` -- the fast apply ``y = M x`` over the last dimension of ``x``, never building M;
     * :meth:`dense` -- M itself, for merging, testing and export;
     * :meth:`num_parameters` -- the closed-form count of trainable numbers;
     * :meth:`structured_cost` and :meth:`dense_cost` -- the work of the two execution paths (forward, and
-      backward when training), from which :mod:`surm.execution` picks one per layer.
+      backward when training), from which :mod:`surm.execution` picks one per layer;
+    * :meth:`reset_parameters` -- the initialisation of ``init``.
+
+    Registering it is one line in :data:`surm.structures.STRUCTURES`, which checks the declarations against the
+    constructor.
 
     Args:
         out_features: m, the number of rows of M.
@@ -74,6 +86,10 @@ class StructuredMatrix(nn.Module, ABC):
     Raises:
         ValueError: if a size is not a positive integer or ``init`` is not one of ``"zero"``, ``"random"``.
     """
+
+    options: ClassVar[tuple[Option, ...]] = ()
+    default_lr: ClassVar[float]
+    peft_equivalent: ClassVar[bool] = False
 
     def __init__(self, out_features: int, in_features: int, init: Init = "zero") -> None:
         super().__init__()

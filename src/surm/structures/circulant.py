@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ._fft import circulant_dense, circular_convolution, circular_convolution_work
 from .base import Cost, Init, StructuredMatrix, compute_dtype
+from .options import PARAMETERIZATION
 
 CirculantParameterization = Literal["plain", "product"]
 
@@ -37,6 +38,9 @@ class Circulant(StructuredMatrix):
     Raises:
         ValueError: for an unknown parameterisation.
     """
+
+    options = (PARAMETERIZATION,)
+    default_lr = 3e-3
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
-from .options import divisor_nearest_sqrt, divisors, require_positive_int, require_size_option
+from .options import Option, divisor_nearest_sqrt, divisors, require_positive_int, require_size_option
 
 
 class Kronecker(StructuredMatrix):
@@ -39,6 +39,15 @@ class Kronecker(StructuredMatrix):
             ``factors`` and ``rank`` are given, or if ``terms`` is not an integer in 1..max(m, n) (checked before
             allocating).
     """
+
+    options = (
+        Option("factors", tuple, None, "shape (m1, n1) of each A_k; default: the divisors of m, n nearest their "
+               "square roots"),
+        Option("rank", int, None, "SURM's r: factors (m/r, r), m + n parameters per term (instead of factors)",
+               search=(None, 2, 4, 8, 16, 32)),
+        Option("terms", int, 1, "K, the number of Kronecker products summed", search=(1, 2, 4)),
+    )
+    default_lr = 1e-2
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ._fft import circular_convolution, circular_convolution_work, fast_fft_length, toeplitz_dense
 from .base import Cost, Init, StructuredMatrix, compute_dtype
-from .options import require_size_option
+from .options import Option, require_size_option
 
 #: Standard deviation of the skew-circulant vectors in the SURM code's init.
 SURM_SKEW_STD = 0.02
@@ -49,6 +49,10 @@ class LowDisplacementRank(StructuredMatrix):
     Raises:
         ValueError: if ``displacement_rank`` is not an integer in 1..N (checked before allocating).
     """
+
+    options = (Option("displacement_rank", int, 1, "r, the number of circulant x skew-circulant terms",
+                      search=(1, 2, 4)),)
+    default_lr = 3e-3
 
     def __init__(
         self, out_features: int, in_features: int, displacement_rank: int = 1, init: Init = "zero"

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
-from .options import require_size_option
+from .options import Option, require_size_option
 
 
 class LowRank(StructuredMatrix):
@@ -25,6 +25,10 @@ class LowRank(StructuredMatrix):
     Raises:
         ValueError: if ``rank`` is not an integer in 1..max(m, n) (checked before allocating).
     """
+
+    options = (Option("rank", int, 8, "the rank r of B A", search=(1, 2, 4, 8, 16)),)
+    default_lr = 3e-3
+    peft_equivalent = True
 
     def __init__(self, out_features: int, in_features: int, rank: int = 8, init: Init = "zero") -> None:
         super().__init__(out_features, in_features, init)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
-from .options import require_positive_int, require_size_option
+from .options import Option, require_positive_int, require_size_option
 
 
 class Monarch(StructuredMatrix):
@@ -35,6 +35,12 @@ class Monarch(StructuredMatrix):
         ValueError: if ``nblocks`` is outside [1, min(m, n)] or ``block_rank`` outside [1, max(m, n)] (checked
             before allocating).
     """
+
+    options = (
+        Option("nblocks", int, 4, "N, the number of blocks", search=(2, 4, 8, 16)),
+        Option("block_rank", int, 4, "r_b, the rank of each block", search=(1, 2, 4, 8)),
+    )
+    default_lr = 1e-2
 
     def __init__(
         self, out_features: int, in_features: int, nblocks: int = 4, block_rank: int = 4, init: Init = "zero"

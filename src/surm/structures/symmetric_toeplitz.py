@@ -21,6 +21,8 @@ class SymmetricToeplitz(Toeplitz):
     Args and raises as :class:`Toeplitz`.
     """
 
+    default_lr = 3e-3
+
     @staticmethod
     def _values_length(rows: int, cols: int) -> int:
         return max(rows, cols)

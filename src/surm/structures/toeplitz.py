@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ._fft import apply_toeplitz, circular_convolution_work, toeplitz_dense, toeplitz_length
 from .base import Cost, Init, StructuredMatrix, compute_dtype
+from .options import PARAMETERIZATION
 
 ToeplitzParameterization = Literal["plain", "product"]
 
@@ -41,6 +42,9 @@ class Toeplitz(StructuredMatrix):
     Raises:
         ValueError: for an unknown parameterisation.
     """
+
+    options = (PARAMETERIZATION,)
+    default_lr = 1e-3
 
     def __init__(
         self,
