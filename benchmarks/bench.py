@@ -5,7 +5,7 @@
 
 import sys
 
-from surm.bench import main
+from surm.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from surm.__main__ import main
+from surm.cli import main
 
 TINY = ["--train-size", "32", "--eval-size", "16", "--batch-size", "16", "--max-length", "16"]
 #: Results that depend on the machine's speed or on the output path, not on the training.
@@ -53,7 +53,7 @@ class Outcome:
 
 
 def call_main(*args: str, output: Optional[Path] = None) -> Outcome:
-    """``surm.__main__.main([...ARGS])`` in this process, with what it prints to stdout and stderr.
+    """``surm.cli.main([...ARGS])`` in this process, with what it prints to stdout and stderr.
 
     An argparse error (exit status 2 through SystemExit) is returned like main's own errors.
     """

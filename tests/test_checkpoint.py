@@ -17,7 +17,7 @@ from surm.errors import CheckpointError
 
 from .conftest import REFERENCE_ARGS
 from .runs import TINY, call_main
-from .test_search import search_args
+from .commands.test_search import search_args
 
 
 class Payload:

@@ -1,4 +1,4 @@
-"""The command line (``python -m surm`` and ``surm.__main__.main``): finetune end to end, and bad input.
+"""The command line (``python -m surm`` and ``surm.cli.main``): finetune end to end, and bad input.
 
 Bad input must stop before training with exit status 2 and a message that names the problem; the output folder
 is then never created, which shows that no training started (the trainer creates it just before its first step).
@@ -25,7 +25,7 @@ from .runs import TINY, call_main, comparable, environment, finetune_main, surm_
 
 def test_console_script_is_declared():
     scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")}
-    assert scripts.get("surm") == "surm.__main__:main"
+    assert scripts.get("surm") == "surm.cli:main"
 
 
 def test_module_finetune_writes_its_output_folder(reference_run):

@@ -204,7 +204,7 @@ def test_active_dropout_is_not_folded_but_still_uses_the_dense_path():
     linear = model.base_model.model.linear
     x = torch.randn(3, 9, dtype=torch.float64)
     model.train()
-    assert not linear._can_fold(linear.surm_delta["default"], x, (), {})
+    assert not linear.can_fold(linear.surm_delta["default"], x, (), {})
     torch.manual_seed(1)
     y = linear(x)
     torch.manual_seed(1)
@@ -213,7 +213,7 @@ def test_active_dropout_is_not_folded_but_still_uses_the_dense_path():
         expected = linear.get_base_layer()(x) + kept @ linear.get_delta_weight("default").T
     assert relative_error(y, expected) < 1e-12
     model.eval()
-    assert linear._can_fold(linear.surm_delta["default"], x, (), {})
+    assert linear.can_fold(linear.surm_delta["default"], x, (), {})
 
 
 def test_half_precision_base_weights_are_not_folded():
@@ -222,7 +222,7 @@ def test_half_precision_base_weights_are_not_folded():
     model = peft.get_peft_model(Net(), config).to(torch.bfloat16)
     linear = model.base_model.model.linear
     x = torch.randn(3, 9, dtype=torch.bfloat16)
-    assert not linear._can_fold(linear.surm_delta["default"], x, (), {})
+    assert not linear.can_fold(linear.surm_delta["default"], x, (), {})
     y = linear(x)
     with torch.no_grad():
         expected = linear.get_base_layer()(x).float() + x.float() @ linear.get_delta_weight("default").float().T

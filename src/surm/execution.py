@@ -1,6 +1,6 @@
 """How a delta adapter applies M: the structured path or the dense path, chosen per layer by a cost model.
 
-Two ways to compute ``s · M x`` for T tokens (DESIGN.md section 3):
+Two ways to compute ``s · M x`` for T tokens:
 
 * **structured**: the family's fast apply on every token (FFTs, small or batched products); work grows with
   T · (n log n) or T · (parameters per row);

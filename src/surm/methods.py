@@ -1,53 +1,97 @@
 """The fine-tuning methods surm can run under one training loop: its own families and PEFT's baselines.
 
-A method turns command-line choices into a PEFT config (or None for full fine-tuning). Default learning rates
-and alphas come from the sweep documented in ``docs/sweep.md``.
+A method turns the user's choices into a PEFT config (or None for full fine-tuning). Default learning rates come
+from the sweep documented in ``docs/sweep.md``: a family declares its own (``default_lr``), a baseline's is in
+:data:`BASELINES`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from peft import BOFTConfig, C3AConfig, LoKrConfig, LoraConfig, PeftConfig
 
 from .peft import SurmConfig
-from .structures import STRUCTURES
+from .structures import STRUCTURES, option_declarations
 
-PEFT_BASELINES = ("lora", "c3a", "lokr", "boft")
+
+@dataclass(frozen=True)
+class Baseline:
+    """A PEFT method surm compares against.
+
+    Attributes:
+        config: its PEFT config class.
+        options: surm's option name -> (the config's field, the value type), e.g. ``rank -> ("r", int)``.
+        defaults: the config fields surm sets unless an option overrides them.
+        lr: the AdamW learning rate that works for it (``docs/sweep.md``).
+    """
+
+    config: type[PeftConfig]
+    options: dict[str, tuple[str, type]]
+    defaults: dict[str, Any]
+    lr: float
+
+
+#: PEFT's own methods, beside surm's families.
+BASELINES: dict[str, Baseline] = {
+    "lora": Baseline(LoraConfig, {"rank": ("r", int), "alpha": ("lora_alpha", float),
+                               "dropout": ("lora_dropout", float)}, {"r": 8, "lora_alpha": 16}, 1e-3),
+    "c3a": Baseline(C3AConfig, {"block_size": ("block_size", int)}, {"block_size": 64}, 1e-1),
+    "lokr": Baseline(LoKrConfig, {"rank": ("r", int), "alpha": ("alpha", float)}, {"r": 8, "alpha": 16}, 3e-3),
+    "boft": Baseline(BOFTConfig, {"block_size": ("boft_block_size", int)}, {"boft_block_size": 4}, 1e-2),
+}
+PEFT_BASELINES = tuple(BASELINES)
+#: Learning rate of full fine-tuning (every weight trained).
+FULL_FINETUNING_LR = 1e-4
+METHODS = (*STRUCTURES, *BASELINES, "full")
 #: The SurmConfig settings a surm method's ``options`` may hold: all but the method itself (structure, mode,
 #: target_modules, which MethodChoice holds) and PEFT's provenance fields (task type, base model, ...).
 SURM_OPTIONS: tuple[str, ...] = tuple(
     f.name for f in fields(SurmConfig)
     if f.name not in {g.name for g in fields(PeftConfig)} | {"structure", "mode", "target_modules"})
-METHODS = (*STRUCTURES, *PEFT_BASELINES, "full")
 
-#: Learning rates per method for AdamW (see docs/sweep.md for how they were chosen).
-DEFAULT_LEARNING_RATES: dict[str, float] = {
-    "full": 1e-4,
-    "lora": 1e-3,
-    "c3a": 1e-1,
-    "lokr": 3e-3,
-    "boft": 1e-2,
-    "lowrank": 3e-3,
-    "circulant": 3e-3,
-    "toeplitz": 1e-3,
-    "symmetric_toeplitz": 3e-3,
-    "kronecker": 1e-2,
-    "ldr": 3e-3,
-    "monarch": 1e-2,
-}
-#: Learning rate of the classifier head (trained by every method); None means the method's own.
-HEAD_LEARNING_RATE = 1e-3
+
+def default_learning_rate(method: str) -> float:
+    """The AdamW learning rate a method gets when none is given: a family's ``default_lr``, a baseline's ``lr``,
+    :data:`FULL_FINETUNING_LR` for ``"full"`` (how they were chosen: ``docs/sweep.md``)."""
+    if method in STRUCTURES:
+        return STRUCTURES[method].default_lr
+    if method in BASELINES:
+        return BASELINES[method].lr
+    if method == "full":
+        return FULL_FINETUNING_LR
+    raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+
+
+def option_parsers() -> dict[str, Callable[[str], Any]]:
+    """Every method option the command line takes, with the parser of its text: the families' declared options,
+    SurmConfig's settings marked for the command line (alpha, dropout, ...), and the baselines' own options.
+
+    Raises:
+        TypeError: if two of them give the same name different types.
+    """
+    parsers: dict[str, Callable[[str], Any]] = {
+        name: next(iter(declared.values())).parse for name, declared in option_declarations().items()}
+    kinds: dict[str, Any] = {name: next(iter(d.values())).kind for name, d in option_declarations().items()}
+    others = [(f.name, f.metadata["cli"]) for f in fields(SurmConfig) if "cli" in f.metadata]
+    others += [(name, kind) for baseline in BASELINES.values() for name, (_, kind) in baseline.options.items()]
+    for name, kind in others:
+        if kinds.setdefault(name, kind) is not kind:
+            raise TypeError(f"method option {name!r} is a {kind.__name__} in one method, a {kinds[name].__name__} "
+                            "in another")
+        parsers.setdefault(name, kind)
+    return parsers
 
 
 @dataclass
 class MethodChoice:
     """What the user asked for: a method name plus the options that apply to it.
 
-    ``options`` holds family options (rank, nblocks, block_rank, factors, terms, displacement_rank,
-    parameterization, bottleneck) and ``alpha`` / ``dropout``; ``block_size`` for C3A, ``rank`` / ``alpha`` for
-    LoRA and LoKr, ``block_size`` for BOFT.
+    For a surm family, ``options`` holds SurmConfig settings (:data:`SURM_OPTIONS`: the family's options, alpha,
+    dropout, bottleneck, execution, ...); for a baseline, the options of :data:`BASELINES` (``rank``, ``alpha``,
+    ``dropout``, ``block_size``).
     """
 
     name: str
@@ -106,15 +150,10 @@ def build_peft_config(choice: MethodChoice, task_type: Optional[str], head: list
         if task_type is None or options.get("modules_to_save") is not None:  # the head is always trained and saved
             common["modules_to_save"] = sorted(set(head) | set(options.pop("modules_to_save", None) or []))
         return SurmConfig(structure=choice.name, mode=choice.mode, **options, **common)
-    builders = {
-        "lora": (LoraConfig, {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}, {"r": 8, "lora_alpha": 16}),
-        "c3a": (C3AConfig, {"block_size": "block_size"}, {"block_size": 64}),
-        "lokr": (LoKrConfig, {"rank": "r", "alpha": "alpha"}, {"r": 8, "alpha": 16}),
-        "boft": (BOFTConfig, {"block_size": "boft_block_size"}, {"boft_block_size": 4}),
-    }
-    config_cls, renames, defaults = builders[choice.name]
-    unknown = sorted(set(options) - set(renames))
+    baseline = BASELINES[choice.name]
+    unknown = sorted(set(options) - set(baseline.options))
     if unknown:
-        raise ValueError(f"option(s) {unknown} do not apply to {choice.name}; its options are {sorted(renames)}")
-    kwargs = {**defaults, **{renames[k]: v for k, v in options.items() if v is not None}}
-    return config_cls(**kwargs, **common)
+        raise ValueError(f"option(s) {unknown} do not apply to {choice.name}; its options are "
+                         f"{sorted(baseline.options)}")
+    kwargs = {**baseline.defaults, **{baseline.options[k][0]: v for k, v in options.items() if v is not None}}
+    return baseline.config(**kwargs, **common)

@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from surm.__main__ import main  # noqa: E402
-from surm.bench import BenchConfig, growth_exponent, iqr_ms, transient_peak_bytes  # noqa: E402
+from surm.cli import main  # noqa: E402
+from surm.commands.bench import BenchConfig, growth_exponent, iqr_ms, transient_peak_bytes  # noqa: E402
 
 NUMBER = r"-?[0-9][0-9,.e+-]*"
 

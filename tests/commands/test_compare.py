@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from surm.compare import MethodSpec, parse_methods
+from surm.commands.compare import MethodSpec, parse_methods
 
-from .runs import call_main, environment, surm_command
+from ..runs import call_main, environment, surm_command
 
 #: One step of 16 examples per run, 8 validation and 8 test examples.
 COMPARE_ARGS = ("--train-size", "16", "--eval-size", "8", "--batch-size", "16", "--max-length", "16", "--epochs", "1")
@@ -32,12 +32,13 @@ def test_parse_methods_names_modes_and_options():
     assert specs == [
         MethodSpec("lora"),
         MethodSpec("monarch", "adapter"),
-        MethodSpec("circulant", "delta", ["--parameterization", "product"]),
-        MethodSpec("monarch", "delta", ["--nblocks", "8", "--block-rank", "2"]),
-        MethodSpec("lora", "delta", ["--lr", "3e-4"]),
-        MethodSpec("kronecker", "delta", ["--factors", "4,8"]),  # the comma belongs to the value
+        MethodSpec("circulant", "delta", [("parameterization", "product")], {"parameterization": "product"}),
+        MethodSpec("monarch", "delta", [("nblocks", "8"), ("block-rank", "2")], {"nblocks": 8, "block_rank": 2}),
+        MethodSpec("lora", "delta", [("lr", "3e-4")], overrides={"lr": 3e-4}),  # a run setting, typed
+        MethodSpec("kronecker", "delta", [("factors", "4,8")], {"factors": (4, 8)}),  # the comma belongs to the value
         MethodSpec("full"),
     ]
+    assert specs[3].option_flags() == ["--nblocks", "8", "--block-rank", "2"]
     assert [s.key for s in specs] == ["lora", "monarch_adapter", "circulant_parameterization_product",
                                       "monarch_nblocks_8_block-rank_2", "lora_lr_3e-4", "kronecker_factors_4-8",
                                       "full"]
@@ -52,6 +53,9 @@ def test_parse_methods_names_modes_and_options():
     (" , ", "--methods is empty"),
     ("lora,circulant,lora", "--methods lists 'lora' twice"),
     ("monarch:adapter,monarch:adapter", "--methods lists 'monarch:adapter' twice"),
+    ("monarch+nblock=4", "unknown option 'nblock' in --methods item 'monarch+nblock=4'; method options: "),
+    ("monarch+nblocks=four", "cannot read nblocks='four' in --methods item 'monarch+nblocks=four'"),
+    ("lora+seed=3", "unknown option 'seed'"),  # the seed is each run's own
 ])
 def test_parse_methods_errors(text, message):
     with pytest.raises(ValueError) as error:

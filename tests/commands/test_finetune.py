@@ -1,4 +1,4 @@
-"""The training loop (surm.trainer): what a run writes, every kind of method under one loop, resume after SIGKILL,
+"""The training loop (surm.commands.finetune): what a run writes, every kind of method under one loop, resume after SIGKILL,
 and the output folders it refuses to touch."""
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from surm.data import load_dataset, macro_f1
 from surm.models import minilm_path, text_collate
 from surm.errors import TrainingDiverged
 from surm.methods import MethodChoice
-from surm.trainer import LossWatch, Run, RunConfig, subset
+from surm.commands.finetune import LossWatch, Run, RunConfig, subset
+from surm.settings import RunSettings
 
-from .conftest import REFERENCE_ARGS
-from .runs import TINY, call_main, environment, finetune_main, listing, surm_command
+from ..conftest import REFERENCE_ARGS
+from ..runs import TINY, call_main, environment, finetune_main, listing, surm_command
 
 RESULT_FIELDS = {
     "method", "label", "mode", "config", "peft_config", "trainable_params", "head_params", "total_params",
@@ -316,8 +317,8 @@ def test_a_finite_blow_up_stops_the_run_and_names_the_cause(tmp_path, flags, cau
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
-    run = Run(RunConfig(method=MethodChoice("circulant"), output=tmp_path / "run", train_size=32, eval_size=16,
-                        batch_size=16, max_length=16, epochs=1))
+    run = Run(RunConfig(method=MethodChoice("circulant"), output=tmp_path / "run",
+                        settings=RunSettings(train_size=32, eval_size=16, batch_size=16, max_length=16, epochs=1)))
     name, parameter = next((n, p) for n, p in run.model.named_parameters() if p.requires_grad and "surm_delta" in n)
     with torch.no_grad():
         parameter[0] = float("inf")

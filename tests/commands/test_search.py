@@ -23,13 +23,21 @@ from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import copy  # noqa: E402
+
 import optuna  # noqa: E402
+import peft  # noqa: E402
 import pytest  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from surm.__main__ import main  # noqa: E402
-from surm.search import (  # noqa: E402
-    RUN_SETTINGS,
+from surm.data import load_dataset  # noqa: E402
+from surm.methods import build_peft_config  # noqa: E402
+from surm.models import load_model  # noqa: E402
+from surm.settings import RunSettings  # noqa: E402
+
+from surm.cli import build_parser, main, settings_from_args  # noqa: E402
+from surm.commands.finetune import head_parameter_names  # noqa: E402
+from surm.commands.search import (  # noqa: E402
     Candidate,
     ParameterCounter,
     SearchSettings,
@@ -113,26 +121,17 @@ def test_bad_input_exits_2_before_any_work(tmp_path, flags, message):
 
 
 def test_run_settings_default_to_what_finetune_uses():
-    """A search trial with default settings trains exactly as ``surm finetune`` with default flags would."""
-    from surm.trainer import RunConfig
-
-    search = SearchSettings(output=Path("."), budget=1)
-    run = RunConfig(method=None, output=Path("."))
-    assert {k: getattr(search, k) for k in RUN_SETTINGS} == {k: getattr(run, k) for k in RUN_SETTINGS}
+    """A search trial with default settings trains exactly as ``surm finetune`` with default flags would: both hold
+    the one RunSettings type, and the command line fills both from the same flags."""
+    assert SearchSettings(output=Path("."), budget=1).run == RunSettings()
+    finetune_args = build_parser().parse_args(["finetune", "--output", "x"])
+    search_args_ = build_parser().parse_args(["search", "--budget-params", "1", "--output", "x"])
+    assert settings_from_args(finetune_args) == settings_from_args(search_args_) == RunSettings()
 
 
 def test_parameter_counts_are_exact():
     """The count made before training equals the trainable adapter parameters of the real PEFT model."""
-    import copy
-
-    import peft
-
-    from surm.data import load_dataset
-    from surm.methods import build_peft_config
-    from surm.models import load_model
-    from surm.trainer import head_parameter_names
-
-    counter = ParameterCounter(SearchSettings(output=Path("unused"), budget=1, max_length=16))
+    counter = ParameterCounter(SearchSettings(output=Path("unused"), budget=1, run=RunSettings(max_length=16)))
     loaded = load_model("minilm", load_dataset("mr"), 16)
     # (candidate, count by hand or None): MiniLM has 6 layers, hidden size 384, FFN 1536.
     cases = [

