@@ -1,4 +1,5 @@
-"""Learning-rate sweep behind surm's per-method defaults (``surm.methods.DEFAULT_LEARNING_RATES``).
+"""Learning-rate sweep behind surm's per-method defaults (each family's ``default_lr``, the baselines' in
+``surm.methods.BASELINES``).
 
 Runs ``surm compare`` once per learning rate (several at a time with ``--jobs``), then writes ``sweep.md`` and
 ``sweep.json``: the final-epoch VALIDATION accuracy of every method at every learning rate, and the best rate

@@ -165,6 +165,7 @@ def test_leftovers_of_a_failed_write_are_recognised(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_write_the_disk_refuses_becomes_an_os_error_naming_the_target(tmp_path):
     """torch and safetensors word a refused write their own way ("unexpected pos", "os error 27/28"); atomic writes
     turn it into an OSError naming the file or folder, and leave no temporary behind. Files are limited to 4 kB in

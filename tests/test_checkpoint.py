@@ -56,6 +56,7 @@ def test_a_planted_pickle_is_refused_unread(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
     ("truncated", "cannot read checkpoint"),
     ("empty", "cannot read checkpoint"),
@@ -98,6 +99,7 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(reference_run, tmp_path, dam
         read_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_the_reference_checkpoint_is_plain_data(reference_run):
     """What surm writes is readable with weights_only=True and holds no pickled objects of other types."""
     path = reference_run.output / "checkpoint.pt"
@@ -125,6 +127,7 @@ def test_finetune_resume_refuses_a_planted_checkpoint(tmp_path):
     assert snapshot(output) == before
 
 
+@pytest.mark.slow
 def test_compare_refuses_a_planted_checkpoint_of_one_run(tmp_path):
     """compare resumes a run whose folder holds a checkpoint; that run fails, nothing runs code."""
     output, marker = tmp_path / "cmp", tmp_path / "marker"
@@ -134,6 +137,7 @@ def test_compare_refuses_a_planted_checkpoint_of_one_run(tmp_path):
     assert "surm compare: error: 1 run(s) failed: circulant seed 0" in outcome.stderr
 
 
+@pytest.mark.slow
 def test_search_refuses_a_planted_checkpoint_in_a_trial_folder(tmp_path):
     """A fresh search reads a trial folder's checkpoint for its history: the planted one is refused."""
     output, marker = tmp_path / "search", tmp_path / "marker"
@@ -199,6 +203,7 @@ def tamper(data, case):
     ("epoch beyond the run", "beyond this run's 2 epochs"),
     ("settings", "settings changed since it was written (seed)"),
 ])
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_that_does_not_fit_and_writes_nothing(reference_run, tmp_path, case, message):
     output = tmp_path / "run"
     shutil.copytree(reference_run.output, output)

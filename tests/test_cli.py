@@ -28,6 +28,7 @@ def test_console_script_is_declared():
     assert scripts.get("surm") == "surm.cli:main"
 
 
+@pytest.mark.slow
 def test_module_finetune_writes_its_output_folder(reference_run):
     assert reference_run.code == 0
     summary = json.loads(reference_run.stdout)  # the summary is the only thing on stdout
@@ -39,6 +40,7 @@ def test_module_finetune_writes_its_output_folder(reference_run):
     assert names == {"adapter", "checkpoint.pt", "results.json", "train.log"}
 
 
+@pytest.mark.slow
 def test_main_function_gives_identical_results(reference_run, tmp_path):
     """The same seed and settings, once in a child process and once in this one: the same training, bit for bit."""
     outcome = finetune_main(tmp_path / "again", *REFERENCE_ARGS)
@@ -186,6 +188,7 @@ def test_bad_compare_input_stops_before_any_run(args, message, tmp_path):
     assert not output.exists()
 
 
+@pytest.mark.slow
 def test_config_takes_every_surmconfig_setting(tmp_path):
     """No setting of an adapter_config.json is dropped: each reaches the run's PEFT config (flags still win)."""
     config = {
@@ -220,6 +223,7 @@ def spawn_finetune(output, *extra, preexec_fn=None):
                             preexec_fn=preexec_fn)
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_with_a_resume_hint_and_the_resume_finishes(tmp_path, reference_run):
     output = tmp_path / "run"
     process = spawn_finetune(output, "--checkpoint-every", "1")
@@ -249,6 +253,7 @@ def limit_file_size(size):
     return apply
 
 
+@pytest.mark.slow
 def test_a_write_the_disk_refuses_is_one_line_and_leaves_no_partial_file(tmp_path):
     output = tmp_path / "run"
     process = spawn_finetune(output, preexec_fn=limit_file_size(32 * 1024))  # the checkpoint is ~70 kB
@@ -268,6 +273,7 @@ def without_root_file_access():
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
 
+@pytest.mark.slow
 def test_a_read_only_output_is_refused_before_the_model_loads(tmp_path):
     folder = tmp_path / "read-only"
     folder.mkdir()

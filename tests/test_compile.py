@@ -44,6 +44,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "options"), FAMILY_CASES, ids=[case_id(c) for c in FAMILY_CASES])
 @pytest.mark.parametrize("execution", PATHS)
 def test_surm_layer_compiles_in_one_graph_forward_and_backward(name, options, execution):
@@ -74,6 +75,7 @@ def _cpp_compiler() -> str | None:
     return next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_inductor_compiles_every_family(device):
     """One module holding every family (both paths), compiled once by inductor (C++ on CPU, Triton on CUDA), equal

@@ -22,8 +22,10 @@ from surm.models import minilm_path
 
 from .runs import TINY, environment, finetune_main, listing
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with the gloo backend is not available")
+#: Trains MiniLM end to end (deselect with -m "not slow"); needs gloo.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with the gloo backend is not available")]
 
 def run_args(model):
     """One epoch of 2 global batches of 16: under torchrun each process takes 8 examples of every batch."""

@@ -93,6 +93,7 @@ def first(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_compare_writes_table_json_and_plot(first):
     assert first["outcome"].code == 0, first["outcome"].stderr
     markdown, summary = first["markdown"], first["json"]
@@ -120,6 +121,7 @@ def test_compare_writes_table_json_and_plot(first):
     assert first["plot"].startswith(b"\x89PNG\r\n\x1a\n") and len(first["plot"]) > 10_000
 
 
+@pytest.mark.slow
 def test_every_run_has_the_same_data_steps_and_seeds(first):
     shared = {"dataset", "train_size", "eval_size", "epochs", "batch_size", "max_length", "warmup_ratio", "head_lr"}
     configs = {key: r["config"] for key, r in first["results"].items()}
@@ -130,6 +132,7 @@ def test_every_run_has_the_same_data_steps_and_seeds(first):
         assert first["results"]["lora", seed]["label_names"] == first["results"]["circulant", seed]["label_names"]
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_runs_and_lists_a_failed_one(first):
     output = first["output"]
     outcome = compare(output, "lora,circulant,monarch+nblocks=0", 1)
@@ -146,6 +149,7 @@ def test_rerun_reuses_finished_runs_and_lists_a_failed_one(first):
     assert [(row["method"], row["seeds"]) for row in summary["rows"]] == [("lora", [0]), ("circulant", [0])]
 
 
+@pytest.mark.slow
 def test_finished_runs_are_reused_from_a_moved_folder_but_not_under_other_settings(first, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(first["output"], moved)
@@ -164,6 +168,7 @@ def test_finished_runs_are_reused_from_a_moved_folder_but_not_under_other_settin
     assert not (moved / "frontier.png").exists()  # the old plot would contradict the empty table
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_comparison_and_a_rerun_finishes_it(tmp_path):
     """Ctrl-C in a terminal reaches compare and its running child: exit 130 with how to continue, no new run starts,
     and the same command then finishes, resuming the interrupted run from its checkpoint."""

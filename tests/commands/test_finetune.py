@@ -63,6 +63,7 @@ def trainable_count(adapter):
 # -- what a run writes --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_results_json_has_what_the_issue_lists(reference_run):
     results = reference_run.results
     assert RESULT_FIELDS <= set(results)
@@ -89,6 +90,7 @@ def test_results_json_has_what_the_issue_lists(reference_run):
     assert results["world_size"] == 1 and results["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_log_records_the_run(reference_run):
     lines = (reference_run.output / "train.log").read_text().splitlines()
     messages = [line.split(" ", 2)[2] for line in lines]  # without the date and time
@@ -99,6 +101,7 @@ def test_log_records_the_run(reference_run):
     assert len(messages) == 4
 
 
+@pytest.mark.slow
 def test_adapter_folder_loads_with_peft_and_reproduces_test_metrics(reference_run):
     adapter = reference_run.output / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "SURM"
@@ -109,6 +112,7 @@ def test_adapter_folder_loads_with_peft_and_reproduces_test_metrics(reference_ru
     assert loss == pytest.approx(results["test_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_output_files_get_default_permissions(reference_run):
     umask = os.umask(0)
     os.umask(umask)
@@ -120,6 +124,7 @@ def test_output_files_get_default_permissions(reference_run):
 # -- every method under the same loop -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_peft_lora_on_an_imbalanced_set_reports_macro_f1(tmp_path):
     outcome = finetune_main(tmp_path / "lora", "--structure", "lora", "--dataset", "sms", *TINY, "--epochs", "1")
     results = outcome.results
@@ -133,6 +138,7 @@ def test_peft_lora_on_an_imbalanced_set_reports_macro_f1(tmp_path):
     assert [h["step"] for h in results["validation_history"]] == [2]
 
 
+@pytest.mark.slow
 def test_full_finetuning_trains_and_saves_the_whole_model(tmp_path):
     outcome = finetune_main(tmp_path / "full", "--structure", "full", *TINY, "--epochs", "1")
     results = outcome.results
@@ -148,6 +154,7 @@ def test_full_finetuning_trains_and_saves_the_whole_model(tmp_path):
     assert not torch.equal(reloaded.state_dict()[name], original.state_dict()[name])
 
 
+@pytest.mark.slow
 def test_adapter_mode_runs_under_the_same_loop(tmp_path):
     outcome = finetune_main(tmp_path / "adapter", "--structure", "circulant", "--mode", "adapter", *TINY,
                             "--epochs", "1")
@@ -203,6 +210,7 @@ def resumed_run(killed_run):
     return finetune_main(output, *REFERENCE_ARGS, "--resume")
 
 
+@pytest.mark.slow
 def test_kill_leaves_only_complete_files(killed_run):
     assert killed_run["returncode"] == -signal.SIGKILL
     checkpoint = killed_run["checkpoint"]  # it loads: it was written whole
@@ -213,6 +221,7 @@ def test_kill_leaves_only_complete_files(killed_run):
         assert entry.startswith(".checkpoint.pt."), entry  # at most the temporary file of an interrupted write
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(reference_run, resumed_run):
     resumed, reference = resumed_run.results, reference_run.results
     assert resumed["test_accuracy"] == reference["test_accuracy"]
@@ -232,6 +241,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(reference_run, resume
     assert "resumed from" in log and "test accuracy" in log
 
 
+@pytest.mark.slow
 def test_resume_removes_leftovers_of_the_killed_writes_and_nothing_else(resumed_run):
     entries = {p.name for p in resumed_run.output.iterdir()}
     assert entries == {"adapter", "checkpoint.pt", "results.json", "train.log", *LOOKALIKES}
@@ -240,6 +250,7 @@ def test_resume_removes_leftovers_of_the_killed_writes_and_nothing_else(resumed_
     assert all(name in log for name in LEFTOVERS)  # the log says what was removed
 
 
+@pytest.mark.slow
 def test_resume_with_changed_settings_is_refused(resumed_run):
     output = resumed_run.output
     before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
@@ -252,6 +263,7 @@ def test_resume_with_changed_settings_is_refused(resumed_run):
 # -- output folders a run must not touch --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finished_output_is_refused(reference_run):
     before = {p: p.read_bytes() for p in reference_run.output.rglob("*") if p.is_file()}
     outcome = call_main("finetune", *REFERENCE_ARGS, "--output", str(reference_run.output))
@@ -299,6 +311,7 @@ def test_loss_watch_flags_non_finite_and_sustained_blow_ups_only():
         LossWatch.from_state({"start": "x", "above": 0})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, cause", [
     (["--lr", "1000", "--head-lr", "1000"], "likely cause: the learning rate: try a smaller --lr (now 1000) or "
                                             "--head-lr (now 1000)"),
@@ -316,6 +329,7 @@ def test_a_finite_blow_up_stops_the_run_and_names_the_cause(tmp_path, flags, cau
     assert not (output / "results.json").exists() and not (output / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_saved(tmp_path):
     run = Run(RunConfig(method=MethodChoice("circulant"), output=tmp_path / "run",
                         settings=RunSettings(train_size=32, eval_size=16, batch_size=16, max_length=16, epochs=1)))

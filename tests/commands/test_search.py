@@ -169,6 +169,7 @@ def test_sampler_is_seeded_per_trial_number():
     assert first[0] != first[1]
 
 
+@pytest.mark.slow
 def test_workers_starting_together_all_open_a_fresh_storage(tmp_path):
     """Workers (threads here, each with its own SQLite connection) that open a new study file at about the same
     time race to create its tables: the losers see a duplicate version row or "table ... already exists" and must
@@ -214,6 +215,7 @@ def single(tmp_path_factory):
     return output, err
 
 
+@pytest.mark.slow
 def test_budget_rejections_happen_before_training(single):
     output, err = single
     study = load(output)
@@ -238,6 +240,7 @@ def test_budget_rejections_happen_before_training(single):
     assert "trained 2/2" in err and "best " in err
 
 
+@pytest.mark.slow
 def test_outputs_and_finetune_accepts_the_best_config(single, tmp_path):
     output, _ = single
     for name in ("front.md", "front.png", "adapter_config.json", "best.json", "trials.json"):
@@ -262,6 +265,7 @@ def test_outputs_and_finetune_accepts_the_best_config(single, tmp_path):
     assert again["trainable_params"] == best["trainable_params"]
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path):
     output = tmp_path / "shared"
     workers = [spawn(*search_args(output, 3), log=tmp_path / f"worker{i}.log") for i in range(2)]
@@ -276,6 +280,7 @@ def test_two_workers_share_one_study(tmp_path):
     assert (output / "best.json").is_file()
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_without_redoing_finished_trials(tmp_path):
     output = tmp_path / "killed"
     log = tmp_path / "first.log"
@@ -320,6 +325,7 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path):
     assert retries[0].user_attrs["folder"] == f"trial-{killed[0]:04d}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value, message", [
     ("folder", "../../escape", "of the study names the folder '../../escape', which is not a surm trial folder"),
     ("folder", "trial-0001/../../../escape", "names the folder 'trial-0001/../../../escape'"),

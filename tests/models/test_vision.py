@@ -79,6 +79,7 @@ def test_default_targets_are_pointwise_convolutions(loaded):
     assert loaded.default_targets == VISION_DEFAULT_TARGETS
 
 
+@pytest.mark.slow
 def test_monarch_step_updates_only_adapters_and_head(loaded, digits):
     config = surm.SurmConfig(structure="monarch", target_modules=VISION_DEFAULT_TARGETS, modules_to_save=["classifier"])
     model = peft.get_peft_model(loaded.model, config)
@@ -134,6 +135,7 @@ def test_run_picks_vision_targets(tmp_path):
     assert run.peft_config.target_modules == set(VISION_DEFAULT_TARGETS)
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end(tmp_path):
     config = RunConfig(method=MethodChoice("circulant", targets=VISION_DEFAULT_TARGETS), output=tmp_path / "out",
                        settings=RunSettings(model="efficientnet-lite0", dataset="digits", epochs=1, train_size=64,

@@ -9,6 +9,22 @@ import surm
 
 from .helpers import TINY_TARGETS, make_tiny
 
+#: Every registered family: a family added to surm.STRUCTURES is in every PEFT test.
+FAMILIES = list(surm.STRUCTURES)
+
+#: (mode, bottleneck): delta, SURM-Adapter (one d x d map) and the Houlsby bottleneck form.
+MODES: list[tuple[str, int | None]] = [("delta", None), ("adapter", None), ("adapter", 4)]
+
+#: Every family in every mode, as pytest parameters.
+FAMILY_MODES: list[tuple[str, str, int | None]] = [(f, m, b) for f in FAMILIES for m, b in MODES]
+
+
+def mode_id(family: str, mode: str, bottleneck: int | None) -> str:
+    return f"{family}-{mode}" + (f"-k{bottleneck}" if bottleneck else "")
+
+
+FAMILY_MODE_IDS = [mode_id(*case) for case in FAMILY_MODES]
+
 
 def tiny_peft(family: str, mode: str = "delta", bottleneck: int | None = None, adapter_name: str = "default", **kwargs):
     """``get_peft_model(make_tiny(), SurmConfig(...))`` on TinyNet's mix/up/down layers."""

@@ -18,24 +18,9 @@ from torch.nn import functional as F
 #: The repository root (the folder holding ``tests/`` and ``src/``).
 ROOT = Path(__file__).resolve().parents[2]
 
-FAMILIES = ["lowrank", "circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "ldr", "monarch"]
-
-#: (mode, bottleneck): delta, SURM-Adapter (one d x d map) and the Houlsby bottleneck form.
-MODES: list[tuple[str, int | None]] = [("delta", None), ("adapter", None), ("adapter", 4)]
-
-#: Every family in every mode, as pytest parameters.
-FAMILY_MODES: list[tuple[str, str, int | None]] = [(f, m, b) for f in FAMILIES for m, b in MODES]
-
 #: The TinyNet layers that every test adapts: square (mix 12x12) and rectangular both ways (up 12->18, down 18->12).
 TINY_TARGETS = ["mix", "up", "down"]
 TINY_D, TINY_HIDDEN, TINY_LAYERS, TINY_CLASSES = 12, 18, 2, 3
-
-
-def mode_id(family: str, mode: str, bottleneck: int | None) -> str:
-    return f"{family}-{mode}" + (f"-k{bottleneck}" if bottleneck else "")
-
-
-FAMILY_MODE_IDS = [mode_id(*case) for case in FAMILY_MODES]
 
 
 class Block(nn.Module):

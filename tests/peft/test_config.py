@@ -12,8 +12,8 @@ import torch
 import surm
 from surm.peft.config import OVERRIDABLE
 
-from .common import adapter_parameters, surm_layers, tiny_peft
-from .helpers import FAMILIES, FAMILY_MODE_IDS, FAMILY_MODES, TINY_TARGETS, make_tiny
+from .common import FAMILIES, FAMILY_MODE_IDS, FAMILY_MODES, adapter_parameters, surm_layers, tiny_peft
+from .helpers import TINY_TARGETS, make_tiny
 
 VALID_STRUCTURES = r"\['circulant', 'kronecker', 'ldr', 'lowrank', 'monarch', 'symmetric_toeplitz', 'toeplitz'\]"
 

@@ -13,6 +13,9 @@ from surm.data import load_dataset
 
 from .helpers import make_minilm, minilm_path
 
+#: Trains MiniLM end to end (deselect with -m "not slow").
+pytestmark = pytest.mark.slow
+
 
 class Texts(torch.utils.data.Dataset):
     """Tokenised examples as the dicts ``Trainer`` expects."""

@@ -17,8 +17,7 @@ from surm.execution import EXECUTIONS, choose_path
 from surm.insertion import DeltaUpdate, OutputAdapter
 from surm.peft.layer import NotMergeableError, SurmLayer
 
-from .common import max_diff
-from .helpers import FAMILIES
+from .common import FAMILIES, max_diff
 
 ACTS = {"gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "identity": lambda h: h}
 

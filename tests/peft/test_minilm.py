@@ -17,8 +17,11 @@ from torch.nn import functional as F
 
 import surm
 
-from .common import adapter_parameters, max_diff, surm_layers
-from .helpers import FAMILIES, FAMILY_MODE_IDS, FAMILY_MODES, make_minilm, minilm_path
+from .common import FAMILIES, FAMILY_MODE_IDS, FAMILY_MODES, adapter_parameters, max_diff, surm_layers
+from .helpers import make_minilm, minilm_path
+
+#: Trains MiniLM end to end (deselect with -m "not slow").
+pytestmark = pytest.mark.slow
 
 ATOL = 1e-4
 #: Delta mode on the attention projections and on both feed-forward layers (square and rectangular both ways).

@@ -19,19 +19,9 @@ import surm
 from surm.execution import EXECUTIONS
 
 from ..devices import DEVICES
-from .common import adapter_parameters, max_diff, surm_layers, tiny_peft
-from .helpers import (
-    FAMILIES,
-    FAMILY_MODE_IDS,
-    FAMILY_MODES,
-    TINY_TARGETS,
-    ConvNet,
-    make_gpt2,
-    make_tiny,
-    mode_id,
-    run_fresh_python,
-    tiny_input,
-)
+from .common import (FAMILIES, FAMILY_MODE_IDS, FAMILY_MODES, adapter_parameters, max_diff, mode_id, surm_layers,
+                     tiny_peft)
+from .helpers import TINY_TARGETS, ConvNet, make_gpt2, make_tiny, run_fresh_python, tiny_input
 
 ATOL = 1e-4  # merged vs unmerged, float32
 

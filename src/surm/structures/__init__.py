@@ -19,7 +19,7 @@ from .toeplitz import Toeplitz
 _COMMON_ARGUMENTS = ("out_features", "in_features", "init")
 
 
-def _checked(families: dict[str, type[StructuredMatrix]]) -> dict[str, type[StructuredMatrix]]:
+def checked_registry(families: dict[str, type[StructuredMatrix]]) -> dict[str, type[StructuredMatrix]]:
     """``families``, after checking each family's declarations against its constructor.
 
     Raises:
@@ -38,8 +38,8 @@ def _checked(families: dict[str, type[StructuredMatrix]]) -> dict[str, type[Stru
                 raise TypeError(f"family {name!r}: option {option.name!r} declares the default {option.default!r}, "
                                 f"the constructor has {parameters[option.name].default!r}")
             if kinds.setdefault(option.name, option.kind) is not option.kind:
-                raise TypeError(f"option {option.name!r} of family {name!r} is a {option.kind.__name__}, another "
-                                f"family's is a {kinds[option.name].__name__}")
+                raise TypeError(f"option {option.name!r} of family {name!r} is of kind {option.kind.__name__}, "
+                                f"another family's is of kind {kinds[option.name].__name__}")
         if not (isinstance(getattr(family, "default_lr", None), float) and family.default_lr > 0):
             raise TypeError(f"family {name!r} declares no positive default_lr")
     return families
@@ -47,7 +47,7 @@ def _checked(families: dict[str, type[StructuredMatrix]]) -> dict[str, type[Stru
 
 #: Every family by the name users pass to :func:`structure` and ``SurmConfig(structure=...)``. A new family is one
 #: module plus one line here; config fields, flags, the search space and the tests follow from its declarations.
-STRUCTURES: dict[str, type[StructuredMatrix]] = _checked({
+STRUCTURES: dict[str, type[StructuredMatrix]] = checked_registry({
     "lowrank": LowRank,
     "circulant": Circulant,
     "toeplitz": Toeplitz,
@@ -119,6 +119,7 @@ __all__ = [
     "StructuredMatrix",
     "SymmetricToeplitz",
     "Toeplitz",
+    "checked_registry",
     "option_declarations",
     "search_space",
     "structure",
