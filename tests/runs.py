@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -81,3 +82,20 @@ def comparable(results: dict[str, Any]) -> dict[str, Any]:
 def listing(folder: Path) -> set[str]:
     """Every entry under ``folder`` (hidden ones too), as paths relative to it."""
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until ``path`` exists while ``process`` runs; fail with its error output if it ends first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the process ended before writing {path}:\n{process.communicate()[1]}"
+        assert time.monotonic() < deadline, f"no {path.name} within {timeout:.0f} s"
+        time.sleep(0.02)
+
+
+def interrupted_stderr(process: subprocess.Popen, timeout: float = 120) -> str:
+    """The error output of ``process`` after Ctrl-C: it must exit 130 without a traceback."""
+    _, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    return stderr

@@ -3,7 +3,7 @@
 With no arguments it runs the main job: ``surm compare``'s quick preset on MiniLM + mr.
 
 Flags come from the types they fill: the run settings from :class:`surm.settings.RunSettings`, the method options from
-the families' declarations and the baselines (:func:`surm.methods.option_parsers`). Expected failures print one line
+the families' declarations and the baselines (:func:`surm.methods.method_options`). Expected failures print one line
 and exit with status 2; Ctrl-C exits with 130 and says how to resume.
 """
 
@@ -31,7 +31,7 @@ from .commands.finetune import RunConfig, finetune
 from .commands.search import SearchSettings, search
 from .commands.search.settings import FAMILIES, PRUNERS
 from .errors import RunsFailed, SurmError
-from .methods import MethodChoice, option_parsers
+from .methods import METHODS, MethodChoice, method_options
 from .peft import SurmConfig
 from .settings import RunSettings, setting_types
 
@@ -77,7 +77,7 @@ def settings_from_args(args: argparse.Namespace, **fixed: Any) -> RunSettings:
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """--structure, --mode, --targets, --config, and one flag per method option (families' and baselines')."""
-    parser.add_argument("--structure", default="circulant", help="a surm family, or lora, c3a, lokr, boft, full")
+    parser.add_argument("--structure", default="circulant", help=f"the method: {', '.join(METHODS)}")
     parser.add_argument("--mode", default="delta", choices=["delta", "adapter"])
     parser.add_argument("--targets", default=None, help="comma-separated module names (default: query,value)")
     parser.add_argument("--config", type=Path, default=None,
@@ -85,13 +85,14 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                         "used (flags given here win); its provenance entries (peft_type, task_type, "
                         "base_model_name_or_path, revision, inference_mode, auto_mapping, peft_version) are set by "
                         "the run; unknown entries are refused")
-    for name, parse in option_parsers().items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=argument_type(parse), default=None)
+    for name, option in method_options().items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=argument_type(option.parse), default=None,
+                            help=option.help.replace("%", "%%"))
 
 
 def method_choice(args: argparse.Namespace) -> MethodChoice:
     """The MethodChoice of finetune's flags (or of --config, the flags winning)."""
-    options = {name: getattr(args, name) for name in option_parsers() if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in method_options() if getattr(args, name) is not None}
     name, mode = args.structure, args.mode
     targets = args.targets.split(",") if args.targets else None
     if args.config is not None:

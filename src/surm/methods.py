@@ -65,24 +65,42 @@ def default_learning_rate(method: str) -> float:
     raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
 
 
-def option_parsers() -> dict[str, Callable[[str], Any]]:
-    """Every method option the command line takes, with the parser of its text: the families' declared options,
-    SurmConfig's settings marked for the command line (alpha, dropout, ...), and the baselines' own options.
+@dataclass(frozen=True)
+class MethodOption:
+    """A method option of the command line: how to read its text, and what it means (per method)."""
+
+    parse: Callable[[str], Any]
+    help: str
+
+
+def method_options() -> dict[str, MethodOption]:
+    """Every method option the command line takes: the families' declared options, SurmConfig's settings marked for
+    the command line (alpha, dropout, ...), and the baselines' own options (``block_size``).
 
     Raises:
         TypeError: if two of them give the same name different types.
     """
-    parsers: dict[str, Callable[[str], Any]] = {
-        name: next(iter(declared.values())).parse for name, declared in option_declarations().items()}
-    kinds: dict[str, Any] = {name: next(iter(d.values())).kind for name, d in option_declarations().items()}
-    others = [(f.name, f.metadata["cli"]) for f in fields(SurmConfig) if "cli" in f.metadata]
-    others += [(name, kind) for baseline in BASELINES.values() for name, (_, kind) in baseline.options.items()]
-    for name, kind in others:
+    kinds: dict[str, Any] = {}
+    parsers: dict[str, Callable[[str], Any]] = {}
+    helps: dict[str, list[str]] = {}
+
+    def add(name: str, kind: Any, parse: Callable[[str], Any], text: str) -> None:
         if kinds.setdefault(name, kind) is not kind:
-            raise TypeError(f"method option {name!r} is a {kind.__name__} in one method, a {kinds[name].__name__} "
-                            "in another")
-        parsers.setdefault(name, kind)
-    return parsers
+            raise TypeError(f"method option {name!r} is of kind {kind.__name__} in one method, of kind "
+                            f"{kinds[name].__name__} in another")
+        parsers.setdefault(name, parse)
+        helps.setdefault(name, []).append(text)
+
+    for name, declared in option_declarations().items():
+        for family, option in declared.items():
+            add(name, option.kind, option.parse, f"{family}: {option.help} (default {option.default!r})")
+    for f in fields(SurmConfig):
+        if "cli" in f.metadata:
+            add(f.name, f.metadata["cli"], f.metadata["cli"], f"surm: {f.metadata['help']}")
+    for method, baseline in BASELINES.items():
+        for name, (field_name, kind) in baseline.options.items():
+            add(name, kind, kind, f"{method}: {baseline.config.__name__}.{field_name}")
+    return {name: MethodOption(parsers[name], "; ".join(helps[name])) for name in parsers}
 
 
 @dataclass

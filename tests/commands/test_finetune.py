@@ -8,7 +8,6 @@ import os
 import signal
 import stat
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from surm.commands.finetune import LossWatch, Run, RunConfig, subset
 from surm.settings import RunSettings
 
 from ..conftest import REFERENCE_ARGS
-from ..runs import TINY, call_main, environment, finetune_main, listing, surm_command
+from ..runs import TINY, call_main, environment, finetune_main, listing, surm_command, wait_for
 
 RESULT_FIELDS = {
     "method", "label", "mode", "config", "peft_config", "trainable_params", "head_params", "total_params",
@@ -183,14 +182,10 @@ def killed_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("resume") / "run"
     command = surm_command("finetune", *REFERENCE_ARGS, "--checkpoint-every", "1", "--output", str(output))
     process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (output / "checkpoint.pt").exists():
-        assert process.poll() is None, "finetune ended before writing a checkpoint"
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("no checkpoint within 300 s")
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
+    try:
+        wait_for(output / "checkpoint.pt", process)
+    finally:
+        process.kill()  # SIGKILL, as soon as the first checkpoint is there
     process.wait()
     return {"output": output, "returncode": process.returncode, "entries": listing(output),
             "checkpoint": read_checkpoint(output / "checkpoint.pt")}

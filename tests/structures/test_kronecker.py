@@ -7,7 +7,6 @@ import torch
 
 import surm
 
-from .cases import HUGE, assert_refused_quickly
 
 
 @pytest.mark.parametrize(("m", "n", "options"), [(12, 18, {}), (12, 18, {"terms": 3}), (6, 10, {"factors": (3, 5)})])
@@ -45,16 +44,3 @@ def test_rank_that_does_not_divide_names_the_common_divisors():
         surm.structure("kronecker", 12, 18, rank=4)
     with pytest.raises(ValueError, match="either factors or rank"):
         surm.structure("kronecker", 12, 18, rank=2, factors=(2, 2))
-
-
-@pytest.mark.parametrize(("m", "n", "terms"), [(16, 16, HUGE), (16, 16, 17), (12, 18, 19), (18, 12, 19)])
-def test_terms_above_the_larger_side_are_refused_before_allocating(m, n, terms):
-    limit = max(m, n)
-    assert_refused_quickly(
-        lambda: surm.structure("kronecker", m, n, terms=terms),
-        rf"kronecker terms={terms} exceeds max\(out_features, in_features\)={limit}; valid: 1\.\.{limit}$",
-    )
-
-
-def test_terms_up_to_the_larger_side_are_allowed():
-    assert surm.structure("kronecker", 12, 18, terms=18).terms == 18

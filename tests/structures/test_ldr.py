@@ -8,7 +8,6 @@ import torch
 import surm
 from surm.structures.ldr import skew_circulant_dense
 
-from .cases import HUGE, assert_refused_quickly
 
 
 def shift(size: int, corner: float) -> torch.Tensor:
@@ -51,16 +50,3 @@ def test_rectangular_is_the_top_left_block_of_the_square(m, n):
     square = surm.structure("ldr", max(m, n), max(m, n), displacement_rank=2).double()
     square.load_state_dict(module.state_dict())
     assert torch.equal(module.dense(), square.dense()[:m, :n])
-
-
-@pytest.mark.parametrize(("m", "n", "rank"), [(16, 16, HUGE), (16, 16, 17), (5, 9, 10), (10, 6, 11)])
-def test_displacement_rank_above_the_larger_side_is_refused_before_allocating(m, n, rank):
-    limit = max(m, n)
-    assert_refused_quickly(
-        lambda: surm.structure("ldr", m, n, displacement_rank=rank),
-        rf"ldr displacement_rank={rank} exceeds max\(out_features, in_features\)={limit}; valid: 1\.\.{limit}$",
-    )
-
-
-def test_displacement_rank_up_to_the_larger_side_is_allowed():
-    assert surm.structure("ldr", 5, 9, displacement_rank=9).num_parameters() == 2 * 9 * 9

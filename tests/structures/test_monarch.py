@@ -10,7 +10,6 @@ from torch.nn import functional as F
 
 import surm
 
-from .cases import HUGE, assert_refused_quickly
 
 
 def more_reference(x: torch.Tensor, right: torch.Tensor, left: torch.Tensor, m: int) -> torch.Tensor:
@@ -75,17 +74,3 @@ def test_rank_is_at_most_blocks_times_block_rank(m, n, nblocks, block_rank):
 def test_too_many_blocks_names_the_valid_range():
     with pytest.raises(ValueError, match=r"nblocks=9 exceeds min\(out_features, in_features\)=8; valid: 1\.\.8"):
         surm.structure("monarch", 8, 20, nblocks=9)
-
-
-@pytest.mark.parametrize(("m", "n", "block_rank"), [(16, 16, HUGE), (16, 16, 17), (8, 20, 21), (20, 8, 21)])
-def test_block_rank_above_the_larger_side_is_refused_before_allocating(m, n, block_rank):
-    limit = max(m, n)
-    assert_refused_quickly(
-        lambda: surm.structure("monarch", m, n, nblocks=4, block_rank=block_rank),
-        rf"monarch block_rank={block_rank} exceeds max\(out_features, in_features\)={limit}; valid: 1\.\.{limit}$",
-    )
-
-
-def test_block_rank_up_to_the_larger_side_is_allowed():
-    assert surm.structure("monarch", 4, 12, nblocks=2, block_rank=12).block_rank == 12
-    assert surm.structure("monarch", 4, 12, nblocks=4, block_rank=4).block_rank == 4  # the tiny tests' adapter maps

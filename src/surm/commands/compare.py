@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from .. import atomic
 from ..checkpoint import CHECKPOINT
-from ..methods import METHODS, MethodChoice, option_parsers
+from ..methods import METHODS, MethodChoice, method_options
 from ..settings import RunSettings, setting_defaults, setting_types
 from ..structures import STRUCTURES
 from .finetune import RESULTS, RunConfig
@@ -94,7 +94,7 @@ def parse_methods(text: str) -> list[MethodSpec]:
             items[-1] += "," + piece
         elif piece:
             items.append(piece)
-    parsers = option_parsers()
+    parsers = {name: option.parse for name, option in method_options().items()}
     settings = {name: kind for name, kind in setting_types().items() if name not in PER_RUN_SETTINGS}
     specs: list[MethodSpec] = []
     for item in items:
