@@ -15,7 +15,7 @@ from surm.peft.config import OVERRIDABLE
 from .common import FAMILIES, FAMILY_MODE_IDS, FAMILY_MODES, adapter_parameters, surm_layers, tiny_peft
 from .helpers import TINY_TARGETS, make_tiny
 
-VALID_STRUCTURES = r"\['circulant', 'kronecker', 'ldr', 'lowrank', 'monarch', 'symmetric_toeplitz', 'toeplitz'\]"
+VALID_STRUCTURES = re.escape(str(sorted(surm.STRUCTURES)))
 
 # (keyword arguments, regex the ValueError message must match)
 INVALID_CONFIGS = [
