@@ -30,7 +30,8 @@ DEFAULT_LRS = "1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1"
 def run_group(lr: str, group: int, methods: str, output: Path, extra: list[str]) -> Path:
     """One ``surm compare`` of a group of methods at one learning rate (failed runs are listed, not fatal)."""
     folder = output / f"lr_{lr}" / f"group{group}"
-    command = [sys.executable, "-m", "surm", "compare", "--methods", methods, "--lr", lr, "--output", str(folder), *extra]
+    command = [sys.executable, "-m", "surm", "compare", "--methods", methods, "--lr", lr, "--output", str(folder),
+               *extra]
     with open(output / f"lr_{lr}_group{group}.log", "w") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     return folder / "comparison.json"
@@ -49,7 +50,8 @@ def summarise(results: dict[str, list[dict]], lrs: list[str]) -> tuple[str, dict
         cells = table[method]
         done = {lr: v for lr, v in cells.items() if v is not None}
         best_lr = max(done, key=lambda lr: done[lr][0])
-        best[method] = {"lr": float(best_lr), "validation_accuracy": done[best_lr][0], "test_accuracy": done[best_lr][1]}
+        best[method] = {"lr": float(best_lr), "validation_accuracy": done[best_lr][0],
+                        "test_accuracy": done[best_lr][1]}
         params = next(iter(done.values()))[2]
         row = " | ".join(f"{100 * cells[lr][0]:.1f}" if cells[lr] else "diverged" for lr in lrs)
         lines.append(f"| {method} | {params:,} | {row} | {best_lr} |")

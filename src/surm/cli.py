@@ -39,7 +39,8 @@ from .settings import RunSettings, setting_types
 RESUME_HINTS = {
     "finetune": "run the same command with --resume to continue from the last checkpoint (or from the start if "
                 "none was written yet)",
-    "compare": "run the same command again: finished runs are reused and an interrupted one resumes from its checkpoint",
+    "compare": "run the same command again: finished runs are reused and an interrupted one resumes from its "
+               "checkpoint",
     "search": "run the same command again to resume the study (the trial that was cut off counts as failed and a "
               "new one takes its place)",
 }
@@ -173,13 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     search_ = commands.add_parser("search", help="Optuna search of family, size, targets, mode, lr under a budget")
     add_settings_arguments(search_)
     search_.add_argument("--budget-params", type=int, required=True, help="most adapter parameters (head excluded)")
-    search_.add_argument("--families", default=None, help=f"comma-separated surm families (default: {','.join(FAMILIES)})")
+    search_.add_argument("--families", default=None,
+                         help=f"comma-separated surm families (default: {','.join(FAMILIES)})")
     search_.add_argument("--modes", default="delta,adapter", help="comma-separated: delta, adapter")
     search_.add_argument("--delta-targets", default=None, help="';'-separated module lists to try in delta mode")
     search_.add_argument("--adapter-targets", default=None, help="';'-separated module lists to try in adapter mode")
     search_.add_argument("--trials", type=int, default=40, help="configurations to train (rejected ones not counted)")
     search_.add_argument("--pruner", default="hyperband", choices=PRUNERS)
-    search_.add_argument("--storage", default=None, help="SQLAlchemy URL of the study (default: sqlite:///DIR/study.db)")
+    search_.add_argument("--storage", default=None,
+                         help="SQLAlchemy URL of the study (default: sqlite:///DIR/study.db)")
     search_.add_argument("--study-name", default="surm-search")
     search_.add_argument("--output", type=Path, required=True, help="DIR: trials, front.md/png, adapter_config.json")
     search_.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")

@@ -1,5 +1,5 @@
-"""The training loop (surm.commands.finetune): what a run writes, every kind of method under one loop, resume after SIGKILL,
-and the output folders it refuses to touch."""
+"""The training loop (surm.commands.finetune): what a run writes, every kind of method under one loop, resume after
+SIGKILL, divergence, and the output folders it refuses to touch."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def test_bad_init(name):
 
 @pytest.mark.parametrize("name", ["circulant", "toeplitz", "symmetric_toeplitz"])
 def test_bad_parameterization(name):
-    with pytest.raises(ValueError, match=r"parameterization must be 'plain' or 'product', got 'sum'"):
+    with pytest.raises(ValueError, match=r"parameterization must be one of \['plain', 'product'\], got 'sum'"):
         surm.structure(name, 8, 8, parameterization="sum")
 
 
@@ -82,7 +82,7 @@ def test_wrong_input_size_is_named(name):
         module(torch.randn(3, 7))
 
 
-# -- the family protocol: declarations from which config fields, flags, the search space and defaults derive -------------
+# -- the family protocol: declarations from which config fields, flags, the search space and defaults derive ------
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -227,7 +227,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def markdown_table(rows: list[dict[str, Any]], header: str) -> str:
     lines = [header, "",
-             "| method | adapter params | trainable params | lr | accuracy % (mean ± std) | macro-F1 % | train s | peak MB |",
+             "| method | adapter params | trainable params | lr | accuracy % (mean ± std) | macro-F1 % | train s "
+             "| peak MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in sorted(rows, key=lambda r: -r["accuracy_mean"]):
         lines.append(

@@ -268,7 +268,8 @@ class Run:
                                                  self.topology.world_size))
         self.optimizer = self._optimizer()
         total_steps = self.steps_per_epoch * settings.epochs
-        self.scheduler = transformers.get_linear_schedule_with_warmup(self.optimizer, int(settings.warmup_ratio * total_steps),
+        self.scheduler = transformers.get_linear_schedule_with_warmup(self.optimizer,
+                                                                      int(settings.warmup_ratio * total_steps),
                                                          total_steps)
         self.checkpoint = self._read_checkpoint()  # checked against this run before anything is written
 
@@ -383,7 +384,8 @@ class Run:
             losses.append(float(nn.functional.cross_entropy(logits, target, reduction="sum")))
             preds.append(logits.argmax(-1).cpu().numpy())
             labels.append(target.cpu().numpy())
-        local = (np.concatenate(preds) if preds else np.zeros(0, int), np.concatenate(labels) if labels else np.zeros(0, int),
+        local = (np.concatenate(preds) if preds else np.zeros(0, int),
+                 np.concatenate(labels) if labels else np.zeros(0, int),
                  sum(losses))
         parts = gather_objects(self.topology, local)
         all_preds = np.concatenate([p[0] for p in parts])
@@ -540,7 +542,8 @@ class Run:
             if hasattr(self.model, "save_pretrained"):
                 self.model.save_pretrained(staging)
             else:
-                save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, staging / "model.safetensors")
+                state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+                save_file(state, staging / "model.safetensors")
 
     def _configure_logging(self) -> None:
         log.setLevel(logging.INFO)

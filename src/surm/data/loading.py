@@ -97,7 +97,8 @@ def load_dataset(name_or_path: str | Path, *, text_column: str = "text", text_pa
     path = Path(name).expanduser()
     if path.is_dir() and not hub.datasets_available():
         files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SUPPORTED)[:5]
-        raise ValueError(f"dataset {name!r} is a folder; surm reads one data file ({', '.join(SUPPORTED)}): pass a file "
+        raise ValueError(f"dataset {name!r} is a folder; surm reads one data file ({', '.join(SUPPORTED)}): "
+                         "pass a file "
                          f"inside it{' (found: ' + ', '.join(files) + ')' if files else ''}, or an embedded dataset "
                          f"({', '.join(catalog.EMBEDDED)}); a folder can be read only through the 'datasets' package, "
                          "which is not installed")

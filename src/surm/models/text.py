@@ -58,7 +58,8 @@ def check_max_length(name: str, config: Any, max_length: int) -> None:
     """
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(limit, int) and max_length > limit:
-        raise ValueError(f"--max-length {max_length} exceeds the {limit} positions of model {name!r}; use at most {limit}")
+        raise ValueError(f"--max-length {max_length} exceeds the {limit} positions of model {name!r}; "
+                         f"use at most {limit}")
 
 
 def load_text_classifier(name: str, num_labels: int, max_length: int = 64) -> LoadedModel:

@@ -122,7 +122,8 @@ def image_collate(image_size: int = IMAGE_SIZE) -> Collate:
     def collate(examples: Sequence[ImageExample]) -> dict[str, Tensor]:
         images = torch.from_numpy(np.stack([np.asarray(e.image, dtype=np.float32) for e in examples]))
         if images.ndim != 3:
-            raise ValueError(f"image examples must be grayscale H x W arrays, got a batch of shape {tuple(images.shape)}")
+            raise ValueError(f"image examples must be grayscale H x W arrays, got a batch of shape "
+                             f"{tuple(images.shape)}")
         resized = F.interpolate(images[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
         pixel_values = (resized.clamp(0, 1).expand(-1, 3, -1, -1) - mean) / std
         labels = torch.tensor([e.label for e in examples], dtype=torch.long)

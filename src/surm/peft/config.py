@@ -116,7 +116,8 @@ class SurmConfig(PeftConfig):
         default_factory=dict,
         metadata={
             "help": "Per-module overrides, like PEFT's rank_pattern: regex matched against the end of the module "
-            f"name -> dict of {list(OVERRIDABLE)}, e.g. {{'value': {{'structure': 'monarch', 'nblocks': 2}}}}. An entry "
+            f"name -> dict of {list(OVERRIDABLE)}, e.g. {{'value': {{'structure': 'monarch', 'nblocks': 2}}}}. "
+            "An entry "
             "that changes the structure does not inherit the config's family options."
         },
     )
@@ -157,7 +158,8 @@ class SurmConfig(PeftConfig):
                 raise ValueError(f"override_pattern[{pattern!r}] must be a dict, got {overrides!r}")
             unknown = sorted(set(overrides) - set(OVERRIDABLE))
             if unknown:
-                raise ValueError(f"override_pattern[{pattern!r}] has unknown key(s) {unknown}; valid: {list(OVERRIDABLE)}")
+                raise ValueError(f"override_pattern[{pattern!r}] has unknown key(s) {unknown}; "
+                                 f"valid: {list(OVERRIDABLE)}")
             if overrides.get("bottleneck") is not None and self.mode != "adapter":
                 raise ValueError(
                     f"override_pattern[{pattern!r}] sets bottleneck={overrides['bottleneck']!r}, which needs "

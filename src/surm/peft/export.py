@@ -69,7 +69,8 @@ def _layer_ranks(layers: dict[str, SurmLayer], rank: Rank) -> dict[str, int]:
         return {name: min(layer.in_features, layer.out_features) for name, layer in layers.items()}
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer or 'full', got {rank!r}")
-    too_small = {n: min(l.in_features, l.out_features) for n, l in layers.items() if rank > min(l.in_features, l.out_features)}
+    largest = {name: min(layer.in_features, layer.out_features) for name, layer in layers.items()}
+    too_small = {name: limit for name, limit in largest.items() if rank > limit}
     if too_small:
         raise ValueError(
             f"rank={rank} exceeds the largest possible rank min(out, in) of {too_small}; use rank <= "

@@ -72,7 +72,8 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"this layer already has an adapter named {adapter_name!r}")
         init = "zero" if config.init_weights else "random"
         if config.mode == "delta":
-            matrix = structure(settings["structure"], self.out_features, self.in_features, init=init, **settings["options"])
+            matrix = structure(settings["structure"], self.out_features, self.in_features, init=init,
+                               **settings["options"])
             self.surm_delta[adapter_name] = DeltaUpdate(matrix, settings["alpha"], config.dropout, config.execution)
         else:
             self.surm_adapter[adapter_name] = OutputAdapter(

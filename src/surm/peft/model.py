@@ -16,7 +16,8 @@ from .layer import NotMergeableError, SurmLayer
 #: Default Adapter placement (Houlsby, as in SURM): after the attention-output dense and the FFN-output dense.
 #: In BERT-like models both end in "output.dense" and PEFT matches suffixes.
 ADAPTER_MODE_TARGET_MODULES = {
-    name: ["output.dense"] for name in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "data2vec-text")
+    name: ["output.dense"]
+    for name in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "data2vec-text")
 }
 #: Checkpoint key fragments that make a tensor surm's own, whichever module it names: those keys load strictly.
 SURM_KEY_MARKS = tuple(f"{container}." for container in SurmLayer.adapter_layer_names)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ._fft import circulant_dense, circular_convolution, circular_convolution_work
 from .base import Cost, Init, StructuredMatrix, compute_dtype
-from .options import PARAMETERIZATION
-
-CirculantParameterization = Literal["plain", "product"]
+from .options import PARAMETERIZATION, Parameterization
 
 
 class Circulant(StructuredMatrix):
@@ -46,13 +43,11 @@ class Circulant(StructuredMatrix):
         self,
         out_features: int,
         in_features: int,
-        parameterization: CirculantParameterization = "plain",
+        parameterization: Parameterization = "plain",
         init: Init = "zero",
     ) -> None:
         super().__init__(out_features, in_features, init)
-        if parameterization not in ("plain", "product"):
-            raise ValueError(f"parameterization must be 'plain' or 'product', got {parameterization!r}")
-        self.parameterization = parameterization
+        self.parameterization = PARAMETERIZATION.check_type(parameterization)
         self.size = max(out_features, in_features)
         self.column = nn.Parameter(torch.empty(self.size))
         self.factor = nn.Parameter(torch.empty(self.size)) if parameterization == "product" else None

@@ -16,7 +16,8 @@ SURM_SKEW_STD = 0.02
 
 
 def skew_circulant_dense(column: Tensor) -> Tensor:
-    """Z_{-1}(s): the N x N skew-circulant with first column s, entry (i, j) = ±s_{(i-j) mod N}, minus above the diagonal."""
+    """Z_{-1}(s): the N x N skew-circulant with first column s: entry (i, j) = ±s_{(i-j) mod N}, minus above the
+    diagonal."""
     size = column.shape[-1]
     i = torch.arange(size, device=column.device).unsqueeze(1)
     j = torch.arange(size, device=column.device).unsqueeze(0)

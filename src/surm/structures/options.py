@@ -6,7 +6,7 @@ Errors name the value and what would be valid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 #: The kinds of value an option takes: an integer, a string, or a pair of positive integers.
 KINDS = (int, str, tuple)
@@ -85,6 +85,7 @@ class Option:
 
 
 #: The option of the circulant and Toeplitz families that switches to the SURM code's product forms.
+Parameterization = Literal["plain", "product"]
 PARAMETERIZATION = Option("parameterization", str, "plain", "'plain': the structure's own numbers are the "
                           "parameters; 'product': SURM's product form (see the family)", choices=("plain", "product"),
                           search=("plain", "product"))

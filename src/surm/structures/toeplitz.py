@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ._fft import apply_toeplitz, circular_convolution_work, toeplitz_dense, toeplitz_length
 from .base import Cost, Init, StructuredMatrix, compute_dtype
-from .options import PARAMETERIZATION
-
-ToeplitzParameterization = Literal["plain", "product"]
+from .options import PARAMETERIZATION, Parameterization
 
 #: Standard deviation of the non-zero factor in the SURM code's product init.
 SURM_PRODUCT_STD = 0.02
@@ -50,13 +47,11 @@ class Toeplitz(StructuredMatrix):
         self,
         out_features: int,
         in_features: int,
-        parameterization: ToeplitzParameterization = "plain",
+        parameterization: Parameterization = "plain",
         init: Init = "zero",
     ) -> None:
         super().__init__(out_features, in_features, init)
-        if parameterization not in ("plain", "product"):
-            raise ValueError(f"parameterization must be 'plain' or 'product', got {parameterization!r}")
-        self.parameterization = parameterization
+        self.parameterization = PARAMETERIZATION.check_type(parameterization)
         self.inner = min(out_features, in_features)
         if parameterization == "plain":
             self.outer_values = nn.Parameter(torch.empty(self._values_length(out_features, in_features)))

@@ -52,7 +52,8 @@ def summarise(s: SearchSettings, trials: list[Any], best: Any, front: list[Any],
                     validation_examples=tested[best.number]["config"].get("eval_size"),
                     results=tested[best.number])
     return {"settings": settings_record(s), "run_flags": finetune_flags(s), "counts": counts(trials),
-            "valid_configurations": valid, "fitting_configurations": fitting, "best": best_row, "front": [row(t) for t in front],
+            "valid_configurations": valid, "fitting_configurations": fitting, "best": best_row,
+            "front": [row(t) for t in front],
             "trials": [row(t) for t in sorted(trials, key=lambda t: t.number)]}
 
 

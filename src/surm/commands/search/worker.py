@@ -185,7 +185,8 @@ class Search:
         trial.set_user_attr("status", TrialStatus.COMPLETE.value)
         value = history[-1]["accuracy"]
         self.ran.append(trial.number)
-        self._report(trial.number, TrialStatus.COMPLETE, f"validation {value:.4f}, {params:,} params, {candidate.describe()}",
+        self._report(trial.number, TrialStatus.COMPLETE,
+                     f"validation {value:.4f}, {params:,} params, {candidate.describe()}",
                      value=value)
         return value
 
