@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,8 +36,11 @@ from surm.methods import build_peft_config  # noqa: E402
 from surm.models import load_model  # noqa: E402
 from surm.settings import RunSettings  # noqa: E402
 
-from surm.cli import build_parser, main, settings_from_args  # noqa: E402
-from surm.commands.finetune import head_parameter_names  # noqa: E402
+from ..conftest import REFERENCE_ARGS  # noqa: E402
+
+from surm.cli import build_parser, main, method_choice, settings_from_args  # noqa: E402
+from surm.commands.finetune import RunConfig, head_parameter_names  # noqa: E402
+from surm.commands.search.worker import checkpoint_history  # noqa: E402
 from surm.commands.search import (  # noqa: E402
     Candidate,
     ParameterCounter,
@@ -350,3 +354,16 @@ def test_a_tampered_study_is_refused_and_nothing_is_written_outside_output(singl
     assert line.startswith("surm search: error: ") and message in line, line
     assert {p for p in tmp_path.rglob("*")} - before <= {p for p in output.rglob("*")}  # nothing new outside output
     assert not (tmp_path / "escape").exists() and not (tmp_path / "copy" / "escape").exists()
+
+
+@pytest.mark.slow
+def test_a_retried_trial_takes_its_history_from_a_checkpoint_of_the_same_settings(reference_run):
+    """What a worker that retries a killed trial reads from the trial's checkpoint: its validation history, and
+    whether every epoch was trained; nothing from a checkpoint of other settings."""
+    args = build_parser().parse_args(["finetune", *REFERENCE_ARGS, "--output", str(reference_run.output)])
+    config = RunConfig(method=method_choice(args), output=reference_run.output, settings=settings_from_args(args))
+    history, finished = checkpoint_history(reference_run.output, config)
+    assert finished and [h["epoch"] for h in history] == [1, 2]
+    assert [h["accuracy"] for h in history] == [h["accuracy"] for h in reference_run.results["validation_history"]]
+    longer = RunConfig(method=config.method, output=config.output, settings=replace(config.settings, epochs=3))
+    assert checkpoint_history(reference_run.output, longer) == ([], False)

@@ -149,7 +149,7 @@ class Search:
         settings = self.settings
         config = RunConfig(method=candidate.method(), output=folder, settings=replace(settings.run, lr=candidate.lr),
                            resume=True)
-        history, finished = _checkpoint_history(folder, config)
+        history, finished = checkpoint_history(folder, config)
         if not finished:
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 history.append({"epoch": epoch, **metrics})
@@ -270,7 +270,7 @@ def run_adapter_params(run: Run) -> int:
     return sum(p.numel() for n, p in run.model.named_parameters() if p.requires_grad and n not in head)
 
 
-def _checkpoint_history(folder: Path, config: Any) -> tuple[list[dict[str, float]], bool]:
+def checkpoint_history(folder: Path, config: RunConfig) -> tuple[list[dict[str, float]], bool]:
     """The validation history in the checkpoint that a retried trial resumes from, and whether that run already
     trained every epoch (its worker died after the last checkpoint); ([], False) without a checkpoint of these
     settings. The checkpoint is read safely (see :func:`surm.checkpoint.read_checkpoint`).
@@ -284,7 +284,7 @@ def _checkpoint_history(folder: Path, config: Any) -> tuple[list[dict[str, float
     checkpoint = read_checkpoint(path)
     if checkpoint["settings"] != config.describe():
         return [], False
-    return list(checkpoint["history"]), checkpoint["epoch"] == config.epochs
+    return list(checkpoint["history"]), checkpoint["epoch"] == config.settings.epochs
 
 
 @contextlib.contextmanager
