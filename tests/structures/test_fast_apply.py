@@ -147,3 +147,25 @@ def test_empty_batches_in_lower_precision_keep_the_dtype(name, options, dtype):
     with torch.no_grad():
         y = module(torch.zeros(0, 5, 18, dtype=dtype))
     assert y.shape == (0, 5, 12) and y.dtype == dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("name", "options"), FAMILY_CASES, ids=[case_id(c) for c in FAMILY_CASES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_parameters(name, options, dtype, device):
+    """A module cast to half precision (``model.half()``, or PEFT's ``autocast_adapter_dtype=False`` on a half base)
+    applies, builds its dense form (which merging uses) and back-propagates in that dtype, computing in float32 at
+    sizes that are not powers of two: the same values as the float32 module with the same (rounded) parameters."""
+    torch.manual_seed(0)
+    module = surm.structure(name, 12, 18, init="random", **options).to(device=device, dtype=dtype)
+    reference = surm.structure(name, 12, 18, init="random", **options).to(device)
+    reference.load_state_dict({k: v.float() for k, v in module.state_dict().items()})
+    x = torch.randn(4, 18, device=device).to(dtype)
+    y, dense = module(x), module.dense()
+    assert y.dtype == dense.dtype == dtype
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert relative_error(dense.float(), reference.dense()) < tolerance
+    assert relative_error(y.float(), reference(x.float())) < tolerance
+    (y.float().square().sum() + dense.float().sum()).backward()
+    for parameter in module.parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == dtype and torch.isfinite(parameter.grad).all()

@@ -93,13 +93,17 @@ class LowDisplacementRank(StructuredMatrix):
         """The N x N matrix sum_i Z_1(c_i) Z_{-1}(s_i) before truncation to (m, n).
 
         Z_{-1}(s) is Toeplitz with t_k = s_k and t_{-k} = -s_{N-k}; Z_1(c) is applied to its columns by FFT
-        (O(r N^2 log N), not a dense N^3 product).
+        (O(r N^2 log N), not a dense N^3 product). Half-precision parameters are transformed in float32 (FFTs in
+        half precision run only at powers of two, and lose accuracy) and the result cast back, as in ``forward``.
         """
         size = self.size
-        diagonals = torch.cat([-self.skew_columns[:, 1:], self.skew_columns], dim=-1)
+        dtype = compute_dtype(self.skew_columns, self.circulant_columns)
+        skew, circulant = self.skew_columns.to(dtype), self.circulant_columns.to(dtype)
+        diagonals = torch.cat([-skew[:, 1:], skew], dim=-1)
         skews = toeplitz_dense(diagonals, size, size)  # (r, N, N)
-        columns = circular_convolution(self.circulant_columns.unsqueeze(-2), skews.transpose(-1, -2), size)
-        return columns.sum(dim=0).T  # row j of `columns` is Z_1(c_i) times column j of Z_{-1}(s_i)
+        columns = circular_convolution(circulant.unsqueeze(-2), skews.transpose(-1, -2), size)
+        # Row j of `columns` is Z_1(c_i) times column j of Z_{-1}(s_i).
+        return columns.sum(dim=0).T.to(self.skew_columns.dtype)
 
     def dense(self) -> Tensor:
         return self.square_dense()[: self.out_features, : self.in_features]
