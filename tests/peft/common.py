@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import peft
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 import surm
 
@@ -49,3 +50,27 @@ def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+def make_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama (width 64, grouped-query attention, vocabulary 100), random weights, no end-of-text token.
+
+    Without an end token every generated row runs to ``max_new_tokens``, so rows generated together and alone
+    have the same length.
+    """
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, bos_token_id=0, eos_token_id=None, pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    """A 2+2-layer T5 encoder-decoder (width 32, vocabulary 100), random weights, no end-of-text token."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=None,
+    )
+    return T5ForConditionalGeneration(config).eval()

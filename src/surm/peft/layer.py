@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -16,6 +17,8 @@ from ..structures import structure
 from .config import SurmConfig
 
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D and torch.nn.Conv2d with a 1x1 kernel and groups=1"
+#: The name that sends a row of a mixed batch to the base model alone (PEFT's spelling, shared with LoRA).
+BASE_ROWS = "__base__"
 
 
 class NotMergeableError(ValueError):
@@ -50,6 +53,9 @@ class SurmLayer(nn.Module, BaseTunerLayer):
     A delta adapter whose execution path (``SurmConfig.execution``, :mod:`surm.execution`) is dense is folded into
     the base product, ``base(x; W0 + s_a · dense(M_a))``, where the layer allows it (see :meth:`can_fold`);
     the others add ``s_a · M_a(dropout(x))`` to the base output.
+
+    ``forward(x, adapter_names=[n_0, ..., n_{N-1}])`` (a mixed batch, PEFT's ``adapter_names``) gives row i the
+    output of adapter n_i alone, or of the base layer for ``"__base__"`` (see :meth:`mixed_batch_forward`).
     """
 
     adapter_layer_names = ("surm_delta", "surm_adapter")
@@ -200,11 +206,17 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             return out.view(*x.shape[:-1], weight.shape[-1])
         return base._conv_forward(x, weight, base.bias)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, x: Tensor, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Tensor:
+        """The base output plus the active adapters' effects, or each row's named adapter alone with ``adapter_names``.
+
+        See the class docstring and :meth:`mixed_batch_forward`; while adapters are disabled, the base output alone.
+        """
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self.mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = self.active_adapters
         # Merged deltas are already in the base weight; the other active ones still apply (after a partial merge).
         names = [n for n in active if n in self.surm_delta and n not in self.merged_adapters]
@@ -230,6 +242,62 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             h = self._channels_last(result)
             result = result + self._channels_back(sum(adapter(h) for adapter in adapters)).to(result.dtype)
         return result
+
+    def mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str], *args: Any, **kwargs: Any) -> Tensor:
+        """Row i gets adapter ``adapter_names[i]`` alone, whichever adapters are active.
+
+        With ``h0 = base(x)`` and n_i = ``adapter_names[i]``: ``h_i = h0_i + s_a · M_a(x_i)`` if n_i names a delta
+        adapter a, ``h_i = h0_i + f_b(h0_i)`` if it names an adapter-mode adapter b, and ``h_i = h0_i`` for
+        :data:`BASE_ROWS` (``"__base__"``) or a name that has no adapter on this layer (an adapter may target only
+        some layers; :class:`~surm.peft.model.SurmModel` checks that every name exists somewhere). Rows are
+        grouped by name, so each adapter applies once, to its rows. A delta adapter never folds into the base
+        weight here (that weight is shared by every row): its dense path multiplies by ``s · dense(M)`` separately.
+
+        Args:
+            x: (N, ..., in_features), or (N, in_channels, H, W) for a Conv2d.
+            adapter_names: N names, one per row.
+
+        Returns:
+            The layer output, (N, ..., out_features) or (N, out_channels, H', W').
+
+        Raises:
+            ValueError: for an unbatched x (fewer than 2 dimensions; 4 for a Conv2d), if the number of names is
+                not N, or if an adapter is merged into the base weight (every row would get it).
+        """
+        needed = 4 if self.kind == "conv2d" else 2
+        if x.dim() < needed:
+            raise ValueError(
+                f"adapter_names routes the rows of a batched input, but this {self.kind} layer got an input of shape "
+                f"{tuple(x.shape)}; it needs at least {needed} dimensions with the batch first"
+            )
+        rows = x.shape[0]
+        if len(adapter_names) != rows:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} name(s) but the batch has {rows} row(s); pass one adapter "
+                f"name (or {BASE_ROWS!r}) per row"
+            )
+        if self.merged:
+            raise ValueError(
+                f"adapter_names cannot route rows while adapter(s) {self.merged_adapters} are merged into the base "
+                "weight (every row would get them); call unmerge_adapter() first"
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            if name in self.surm_delta or name in self.surm_adapter:
+                groups.setdefault(name, []).append(row)
+        if not groups:
+            return result
+        inputs = self._delta_input(x) if any(name in self.surm_delta for name in groups) else x
+        increment = torch.zeros_like(result)
+        for name, group in groups.items():
+            index = slice(None) if len(group) == rows else torch.tensor(group, device=x.device)
+            if name in self.surm_delta:
+                effect = self.surm_delta[name](inputs[index])
+            else:
+                effect = self.surm_adapter[name](self._channels_last(result[index]))
+            increment[index] = self._channels_back(effect).to(result.dtype)
+        return result + increment
 
     def __repr__(self) -> str:
         return "surm." + super().__repr__()

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    AuxiliaryTrainingWrapper,
+    ModulesToSaveWrapper,
+)
 from torch import Tensor, nn
 
 from .config import SurmConfig
-from .layer import NotMergeableError, SurmLayer
+from .layer import BASE_ROWS, NotMergeableError, SurmLayer
 
 #: Default Adapter placement (Houlsby, as in SURM): after the attention-output dense and the FFN-output dense.
 #: In BERT-like models both end in "output.dense" and PEFT matches suffixes.
@@ -23,6 +30,11 @@ ADAPTER_MODE_TARGET_MODULES = {
 SURM_KEY_MARKS = tuple(f"{container}." for container in SurmLayer.adapter_layer_names)
 #: How many keys of each kind a load error lists.
 KEYS_SHOWN = 3
+#: The generate() settings whose maximum is how many rows transformers makes of each prompt (beams, returned samples).
+ROW_COPY_SETTINGS = ("num_beams", "num_return_sequences")
+#: Keyword arguments that hold a call's batch when it has no positional input (``generate(input_ids=...)``; the
+#: input of a SurmLayer or a modules_to_save copy called by keyword).
+BATCH_ARGUMENTS = ("input_ids", "inputs_embeds", "x", "input")
 
 
 class SurmModel(BaseTuner):
@@ -125,6 +137,71 @@ class SurmModel(BaseTuner):
                 raise ValueError(f"{described}: {saved!r} holds non-finite values (NaN or inf); refusing to load it")
         return remapped
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Route the rows of a mixed batch while ``PeftModel.forward`` or ``generate`` runs (PeftModel calls this).
+
+        With ``adapter_names=[n_0, ..., n_{B-1}]`` among the call's keyword arguments, row i of the batch gets
+        adapter n_i alone, or the base model for ``"__base__"``, in every surm layer
+        (:meth:`SurmLayer.mixed_batch_forward`) and every ``modules_to_save`` copy; without it, nothing changes.
+        ``generate`` turns each row into e = max(num_beams, num_return_sequences) adjacent rows (the call's
+        settings, else its ``generation_config``, else the model's): a module whose batch has e · B rows gives
+        row j the name n_{j // e}, one whose batch has B rows (an encoder) gives row i the name n_i. The routing
+        is removed when the call returns or raises.
+
+        Raises:
+            TypeError: if ``adapter_names`` is not a list or tuple of str.
+            ValueError: if the model is in training mode, a name is neither an adapter of this model nor
+                ``"__base__"``, an adapter is merged, or the call's input (where it shows one) does not have B
+                rows; during the call, if a module's input has neither B nor e · B rows.
+        """
+        names = kwargs.get("adapter_names")
+        if names is None:
+            yield
+            return
+        names = self._check_adapter_names(names)
+        copies = generation_row_copies(self.model, kwargs)
+        rows = leading_rows(args, kwargs)
+        if rows is not None and rows != len(names):
+            raise ValueError(_count_mismatch(len(names), "the input", rows, copies))
+        handles = []
+        try:
+            for name, module in self.model.named_modules():
+                if isinstance(module, (SurmLayer, AuxiliaryTrainingWrapper)):
+                    route = partial(_route_rows, names=names, copies=copies, where=name)
+                    handles.append(module.register_forward_pre_hook(route, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _check_adapter_names(self, names: object) -> tuple[str, ...]:
+        """``names`` as a tuple, if this model can route a mixed batch by them now (see the hook above)."""
+        if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+            raise TypeError(
+                f"adapter_names must be a list of adapter names (str), one per row of the batch, got {names!r}"
+            )
+        if self.training:
+            raise ValueError(
+                f"adapter_names={list(names)!r} is for inference, but the model is in training mode; call "
+                "model.eval() first (or train each adapter on its own with set_adapter)"
+            )
+        layers = [module for module in self.model.modules() if isinstance(module, SurmLayer)]
+        available = sorted({name for layer in layers for name in (*layer.surm_delta, *layer.surm_adapter)})
+        unknown = sorted({name for name in names if name != BASE_ROWS and name not in available})
+        if unknown:
+            raise ValueError(
+                f"adapter_names names unknown adapter(s) {unknown}; valid names: {available} and {BASE_ROWS!r} "
+                "(the base model alone)"
+            )
+        merged = sorted({name for layer in layers for name in layer.merged_adapters})
+        if merged:
+            raise ValueError(
+                f"adapter_names cannot route rows while adapter(s) {merged} are merged into the base weights (every "
+                "row would get them); call unmerge_adapter() first"
+            )
+        return tuple(names)
+
     def _check_mergeable(self, adapter_names: Optional[list[str]]) -> None:
         names = adapter_names if adapter_names is not None else self.active_adapters
         adapter_mode = [n for n in names if n in self.peft_config and self.peft_config[n].mode == "adapter"]
@@ -150,6 +227,65 @@ class SurmModel(BaseTuner):
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+
+
+def generation_row_copies(model: nn.Module, kwargs: dict[str, Any]) -> int:
+    """e = max(num_beams, num_return_sequences) of a ``generate(**kwargs)`` call on ``model``, at least 1.
+
+    Each setting comes from ``kwargs``, else from ``kwargs["generation_config"]``, else from the model's
+    ``generation_config`` (transformers' order of precedence); transformers repeats each prompt e times.
+    """
+    configs = [kwargs.get("generation_config"), getattr(model, "generation_config", None)]
+    copies = 1
+    for setting in ROW_COPY_SETTINGS:
+        value = kwargs.get(setting)
+        for config in configs:
+            if value is None and config is not None:
+                value = getattr(config, setting, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            copies = max(copies, value)
+    return copies
+
+
+def leading_rows(args: tuple, kwargs: dict[str, Any]) -> Optional[int]:
+    """The rows (first dimension) of a call's input: its first positional argument, else the first of
+    :data:`BATCH_ARGUMENTS` among its keyword arguments; None if that is not a tensor with a dimension."""
+    x = args[0] if args else next((kwargs[key] for key in BATCH_ARGUMENTS if kwargs.get(key) is not None), None)
+    return x.shape[0] if isinstance(x, Tensor) and x.dim() else None
+
+
+def _count_mismatch(names: int, where: str, rows: int, copies: int) -> str:
+    """The one-line error for ``names`` adapter names and an input of ``rows`` rows."""
+    repeated = f"; generate repeats each row's name for its {copies} beams or returned sequences" if copies > 1 else ""
+    return (
+        f"adapter_names has {names} name(s) but {where} has {rows} row(s); pass one adapter name (or {BASE_ROWS!r}) "
+        f"per row{repeated}"
+    )
+
+
+def _route_rows(
+    module: nn.Module, args: tuple, kwargs: dict[str, Any], names: tuple[str, ...], copies: int, where: str
+) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook of module ``where``: pass ``adapter_names`` for the rows of this call's input.
+
+    B names route an input of B rows as given and one of ``copies`` · B rows (generation) with each name
+    repeated ``copies`` times in place. A ``modules_to_save`` copy exists only for the adapters whose config
+    names the module; rows of the other adapters get the original module there, as they do with that adapter
+    set alone (PEFT's own routing would look their copy up and fail).
+
+    Raises:
+        ValueError: if the input has another number of rows.
+    """
+    rows = leading_rows(args, kwargs)
+    if rows is None or rows == len(names):
+        routed = list(names)
+    elif copies > 1 and rows == copies * len(names):
+        routed = [name for name in names for _ in range(copies)]
+    else:
+        raise ValueError(_count_mismatch(len(names), f"the input of {where!r}", rows, copies))
+    if isinstance(module, ModulesToSaveWrapper):
+        routed = [name if name in module.modules_to_save else BASE_ROWS for name in routed]
+    return args, {**kwargs, "adapter_names": routed}
 
 
 def _first_keys(keys: list[str]) -> str:
