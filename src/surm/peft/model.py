@@ -20,11 +20,17 @@ from torch import Tensor, nn
 from .config import SurmConfig
 from .layer import BASE_ROWS, NotMergeableError, SurmLayer
 
-#: Default Adapter placement (Houlsby, as in SURM): after the attention-output dense and the FFN-output dense.
-#: In BERT-like models both end in "output.dense" and PEFT matches suffixes.
-ADAPTER_MODE_TARGET_MODULES = {
-    name: ["output.dense"]
-    for name in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "data2vec-text")
+#: Default Adapter placement (Houlsby, as in SURM): after the attention output projection and after the MLP / FFN
+#: output projection of every block (PEFT matches these names as suffixes). BERT-like encoders end both in
+#: "output.dense"; Llama-style decoders (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3) name them o_proj and down_proj;
+#: Phi-1/2 dense and fc2; GPT-2 c_proj (attn.c_proj and mlp.c_proj).
+ADAPTER_MODE_TARGET_MODULES: dict[str, list[str]] = {
+    **{name: ["output.dense"]
+       for name in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "data2vec-text")},
+    **{name: ["o_proj", "down_proj"]
+       for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")},
+    "phi": ["self_attn.dense", "fc2"],
+    "gpt2": ["c_proj"],
 }
 #: Checkpoint key fragments that make a tensor surm's own, whichever module it names: those keys load strictly.
 SURM_KEY_MARKS = tuple(f"{container}." for container in SurmLayer.adapter_layer_names)
