@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
-from typing import ClassVar, Literal
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -126,8 +127,31 @@ class StructuredMatrix(nn.Module, ABC):
     def reset_parameters(self) -> None:
         """Re-initialise the parameters according to ``self.init``."""
 
+    # -- exact combinations (PEFT's add_weighted_adapter) ---------------------------------------------------------
+
+    @classmethod
+    def combined_options(cls, options: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The options of one matrix of this family that holds sum_i s_i M_i, M_i built with ``options[i]``.
+
+        A family whose M is linear in its parameters keeps its options (they must agree); one that is bilinear adds
+        up a count (ranks, terms); one whose sum leaves the family cannot be combined exactly (the default).
+
+        Raises:
+            ValueError: if the family, or these options, cannot hold the sum exactly (naming what can).
+        """
+        raise ValueError(f"{cls.__name__} matrices cannot be summed exactly within their family; combine them by "
+                         "SVD into a low-rank adapter instead (combination_type='svd')")
+
+    def load_combination(self, matrices: Sequence[StructuredMatrix], scales: Sequence[float]) -> None:
+        """Set this matrix (built with :meth:`combined_options` of theirs) to sum_i scales[i] * matrices[i], exactly."""
+        raise ValueError(f"{type(self).__name__} matrices cannot be summed exactly within their family")
+
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, in_features={self.in_features}, init={self.init!r}"
+
+    def dense_shape(self) -> tuple[int, int]:
+        """(out_features, in_features)."""
+        return self.out_features, self.in_features
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -153,3 +177,28 @@ def kaiming_uniform_(tensor: Tensor, fan_in: int) -> Tensor:
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
         return tensor.uniform_(-bound, bound)
+
+
+def declared_options(family: type[StructuredMatrix], options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with every declared option of ``family`` that it leaves out at its default."""
+    return {option.name: options.get(option.name, option.default) for option in family.options}
+
+
+def same_options(family: type[StructuredMatrix], options: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The options all of ``options`` share (defaults filled in), or a ValueError naming the first difference."""
+    full = [declared_options(family, o) for o in options]
+    for other in full[1:]:
+        if other != full[0]:
+            raise ValueError(f"{family.__name__} matrices with other options cannot be summed exactly: {full[0]} and "
+                             f"{other}")
+    return full[0]
+
+
+def check_combination(matrices: Sequence[StructuredMatrix], scales: Sequence[float], target: StructuredMatrix) -> None:
+    """The sources of :meth:`StructuredMatrix.load_combination` are as many as the scales, of the target's shape."""
+    if not matrices or len(matrices) != len(scales):
+        raise ValueError(f"give one scale per matrix, got {len(matrices)} matrices and {len(scales)} scales")
+    for matrix in matrices:
+        if type(matrix) is not type(target) or matrix.dense_shape() != target.dense_shape():
+            raise ValueError(f"cannot sum a {type(matrix).__name__} {matrix.dense_shape()} into a "
+                             f"{type(target).__name__} {target.dense_shape()}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._fft import circulant_dense, circular_convolution, circular_convolution_work
-from .base import Cost, Init, StructuredMatrix, compute_dtype
+from .base import Cost, Init, StructuredMatrix, check_combination, compute_dtype, same_options
 from .options import PARAMETERIZATION, Parameterization
 
 
@@ -86,6 +88,19 @@ class Circulant(StructuredMatrix):
 
     def dense_cost(self, backward: bool) -> Cost:
         return Cost(elementwise=(2 if backward else 1) * self.out_features * self.in_features)
+
+    @classmethod
+    def combined_options(cls, options: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """M is linear in its first column c: sum_i s_i circ(c_i) = circ(sum_i s_i c_i); options must agree."""
+        return same_options(cls, options)
+
+    def load_combination(self, matrices: Sequence[StructuredMatrix], scales: Sequence[float]) -> None:
+        """c = sum_i s_i c_i; in the product form as c = c * 1 (the factor set to ones)."""
+        check_combination(matrices, scales, self)
+        with torch.no_grad():
+            self.column.copy_(sum(s * m.first_column() for m, s in zip(matrices, scales)))
+            if self.factor is not None:
+                self.factor.fill_(1.0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, parameterization={self.parameterization!r}"

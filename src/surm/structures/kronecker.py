@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
+from .base import (Cost, Init, StructuredMatrix, check_combination, compute_dtype, declared_options, kaiming_uniform_,
+                   same_options, thin_flops)
 from .options import Option, divisor_nearest_sqrt, divisors, require_positive_int, require_size_option
 
 
@@ -132,6 +136,21 @@ class Kronecker(StructuredMatrix):
     def dense_cost(self, backward: bool) -> Cost:
         flops = 2 * self.terms * self.out_features * self.in_features
         return Cost(small_gemm=(3 if backward else 1) * flops)
+
+    @classmethod
+    def combined_options(cls, options: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """sum_i s_i sum_k A_ik ⊗ B_ik is a sum of K_1 + ... + K_n Kronecker products of the same factor shapes:
+        the factor options must agree, the terms add up."""
+        shared = same_options(cls, [{**o, "terms": 1} for o in options])
+        return {**shared, "terms": sum(declared_options(cls, o)["terms"] for o in options)}
+
+    def load_combination(self, matrices: Sequence[StructuredMatrix], scales: Sequence[float]) -> None:
+        check_combination(matrices, scales, self)
+        if any(m.factors != self.factors for m in matrices):
+            raise ValueError(f"kronecker factors differ: {[m.factors for m in matrices]} and {self.factors}")
+        with torch.no_grad():
+            self.first.copy_(torch.cat([s * m.first for m, s in zip(matrices, scales)]))
+            self.second.copy_(torch.cat([m.second for m in matrices]))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, factors={self.factors}, second={self.second_shape}, terms={self.terms}"

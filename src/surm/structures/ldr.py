@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._fft import circular_convolution, circular_convolution_work, fast_fft_length, toeplitz_dense
-from .base import Cost, Init, StructuredMatrix, compute_dtype
+from .base import Cost, Init, StructuredMatrix, check_combination, compute_dtype, declared_options
 from .options import Option, require_size_option
 
 #: Standard deviation of the skew-circulant vectors in the SURM code's init.
@@ -122,6 +124,17 @@ class LowDisplacementRank(StructuredMatrix):
         fft, elementwise = circular_convolution_work(self.displacement_rank * self.size, self.size, backward)
         copies = (2 if backward else 1) * 2 * self.displacement_rank * self.size**2
         return Cost(fft=fft, elementwise=elementwise + copies)
+
+    @classmethod
+    def combined_options(cls, options: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """A weighted sum of sums of circulant x skew-circulant products is one with r_1 + ... + r_n terms."""
+        return {"displacement_rank": sum(declared_options(cls, o)["displacement_rank"] for o in options)}
+
+    def load_combination(self, matrices: Sequence[StructuredMatrix], scales: Sequence[float]) -> None:
+        check_combination(matrices, scales, self)
+        with torch.no_grad():
+            self.circulant_columns.copy_(torch.cat([s * m.circulant_columns for m, s in zip(matrices, scales)]))
+            self.skew_columns.copy_(torch.cat([m.skew_columns for m in matrices]))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, displacement_rank={self.displacement_rank}"

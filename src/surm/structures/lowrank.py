@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
+from .base import (Cost, Init, StructuredMatrix, check_combination, compute_dtype, declared_options, kaiming_uniform_,
+                   thin_flops)
 from .options import Option, require_size_option
 
 
@@ -66,6 +70,17 @@ class LowRank(StructuredMatrix):
     def dense_cost(self, backward: bool) -> Cost:
         flops = 2 * self.out_features * self.rank * self.in_features
         return Cost(small_gemm=thin_flops((3 if backward else 1) * flops, self.rank))
+
+    @classmethod
+    def combined_options(cls, options: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """sum_i s_i B_i A_i = [s_1 B_1, ..., s_k B_k] [A_1; ...; A_k]: ranks add up."""
+        return {"rank": sum(declared_options(cls, o)["rank"] for o in options)}
+
+    def load_combination(self, matrices: Sequence[StructuredMatrix], scales: Sequence[float]) -> None:
+        check_combination(matrices, scales, self)
+        with torch.no_grad():
+            self.down.copy_(torch.cat([m.down for m in matrices]))
+            self.up.copy_(torch.cat([s * m.up for m, s in zip(matrices, scales)], dim=1))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._fft import apply_toeplitz, circular_convolution_work, toeplitz_dense, toeplitz_length
-from .base import Cost, Init, StructuredMatrix, compute_dtype
+from .base import Cost, Init, StructuredMatrix, check_combination, compute_dtype, same_options
 from .options import PARAMETERIZATION, Parameterization
 
 #: Standard deviation of the non-zero factor in the SURM code's product init.
@@ -129,6 +131,22 @@ class Toeplitz(StructuredMatrix):
         if self.inner_values is None:
             return copies
         return copies + Cost(gemm=(3 if backward else 1) * 2 * m * k * n)
+
+    @classmethod
+    def combined_options(cls, options: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Plain: M is linear in its values, sum_i s_i T(t_i) = T(sum_i s_i t_i). The product T(b) T(a) is not:
+        a sum of such products is in general none of them."""
+        shared = same_options(cls, options)
+        if shared["parameterization"] != "plain":
+            return super().combined_options(options)
+        return shared
+
+    def load_combination(self, matrices: Sequence[StructuredMatrix], scales: Sequence[float]) -> None:
+        check_combination(matrices, scales, self)
+        if self.inner_values is not None:
+            super().load_combination(matrices, scales)
+        with torch.no_grad():
+            self.outer_values.copy_(sum(s * m.outer_values for m, s in zip(matrices, scales)))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, parameterization={self.parameterization!r}"
