@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
     bench.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (default 10; --quick 2)")
     bench.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 2; --quick 1)")
-    bench.add_argument("--tables", default="train,inference,paths,apply",
-                       help="comma-separated: train, inference, paths, apply")
+    bench.add_argument("--tables", default="train,inference,paths,apply,decoder",
+                       help="comma-separated: train, inference, paths, apply, decoder")
     bench.add_argument("--quick", action="store_true", help="a short run of every table (small batch and grid)")
     bench.add_argument("--paths", action="store_true", help="also time each family with each execution path forced")
     bench.add_argument("--model", default="minilm", help="text model of the train and inference tables")

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 import surm  # noqa: E402
 from surm.cli import main  # noqa: E402
-from surm.commands.bench import BenchConfig, growth_exponent, iqr_ms, transient_peak_bytes  # noqa: E402
+from surm.commands.bench import TABLES, BenchConfig, growth_exponent, iqr_ms, transient_peak_bytes  # noqa: E402
 
 NUMBER = r"-?[0-9][0-9,.e+-]*"
 
@@ -71,14 +71,21 @@ def test_quick_report_has_every_table_with_numbers(quick_report):
     assert [row[0] for row in paths] == ["bare layer", "PEFT LoRA r=8", "circulant [structured]", "circulant [dense]"]
     assert all(row[4] in ("structured", "dense") and row[7] in ("structured", "dense") for row in paths[2:])
 
-    assert set(data) >= {"config", "train", "inference", "paths", "apply", "machine", "load_average"}
+    decoder = table_rows(markdown, "### Decoder, tiny")
+    assert [row[0] for row in decoder] == ["PEFT LoRA r=16, all-linear", "surm circulant, all-linear",
+                                           "surm circulant, adapter (o_proj, down_proj)", "surm ldr, all-linear",
+                                           "surm ldr, adapter (o_proj, down_proj)"]
+    assert decoder[0][5] == decoder[0][8] == "1.00"  # LoRA is the reference
+    assert all(re.fullmatch(NUMBER, cell) for row in decoder for cell in (row[2], *row[3:]))
+
+    assert set(data) >= {"config", "train", "inference", "paths", "apply", "decoder", "machine", "load_average"}
     assert data["config"]["quick"] is True
     assert len(data["train"]["PEFT LoRA r=8"]["times_s"]) == 2
     assert data["train"]["surm circulant"]["peak_bytes"] > data["train"]["surm circulant"]["state_bytes"] > 0
 
 
 def test_bad_options_are_reported():
-    valid = r"\('train', 'inference', 'apply', 'paths'\)"
+    valid = re.escape(str(TABLES))
     with pytest.raises(ValueError, match=rf"tables must be a non-empty subset of {valid}"):
         BenchConfig(tables=("train", "speed"))
     with pytest.raises(ValueError, match="repeats must be a positive integer, got 0"):

@@ -1,4 +1,4 @@
-"""``surm bench``: how fast and how large surm's adapters are next to PEFT's, in three Markdown tables.
+"""``surm bench``: how fast and how large surm's adapters are next to PEFT's, in Markdown tables.
 
 * **train**: one training step (forward, backward, AdamW) of MiniLM on a batch of 32 x 64 tokens with query and value
   adapted: every surm family in delta mode at its default size, PEFT LoRA r=8, PEFT C3A (block 64 and 384) and the
@@ -11,6 +11,8 @@
 * **paths**: the two execution paths of :mod:`surm.execution` on one adapted 384 x 384 layer (MiniLM's query) and
   2048 tokens, training (forward + backward) and inference, beside PEFT LoRA on the same layer: the measured time
   of each path, the cost model's estimate and the path ``auto`` takes.
+* **decoder**: a Llama stack at the tiny and TinyLlama shapes, every family in delta mode on all linear layers and in
+  adapter mode, against PEFT LoRA r=16: a training step and greedy generation (:mod:`.decoder_bench`).
 
 Timing: every configuration of a table lives in the same process and the repeats are interleaved (round robin,
 rotating the order each round), so a change of machine load hits all of them alike; each cell is the median after
@@ -51,8 +53,10 @@ from ..methods import MethodChoice, build_peft_config
 from ..models import load_text_classifier
 from ..peft import SurmConfig, SurmLayer
 from ..structures import STRUCTURES, structure
+from .decoder_bench import decoder_table, run_decoder
+from .measure import execution_paths, iqr_ms, median_ms, synchronizer, time_interleaved, trainable_parameters
 
-TABLES: tuple[str, ...] = ("train", "inference", "apply", "paths")
+TABLES: tuple[str, ...] = ("train", "inference", "apply", "paths", "decoder")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
 #: The reference workload: MiniLM, batch 32 x 64 tokens, query and value adapted.
@@ -119,46 +123,6 @@ class BenchConfig:
 
 def _threads(config: BenchConfig) -> str:
     return f"{config.threads} thread" + ("" if config.threads == 1 else "s")
-
-
-def _synchronizer(device: str) -> Callable[[], None]:
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-
-def time_interleaved(
-    functions: dict[str, Callable[[], object]], warmup: int, repeats: int, device: str = "cpu"
-) -> dict[str, list[float]]:
-    """Seconds of each call, ``repeats`` per function after ``warmup`` untimed rounds, interleaved round robin.
-
-    The order rotates every round so that no function always runs right after the same neighbour.
-    """
-    sync = _synchronizer(device)
-    names = list(functions)
-    for _ in range(warmup):
-        for name in names:
-            functions[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            sync()
-            start = time.perf_counter()
-            functions[name]()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def median_ms(times: Sequence[float]) -> float:
-    return 1e3 * statistics.median(times)
-
-
-def iqr_ms(times: Sequence[float]) -> float:
-    """The interquartile range in milliseconds (0 with fewer than 2 samples): the spread under the machine's load."""
-    if len(times) < 2:
-        return 0.0
-    quartiles = statistics.quantiles(times, n=4, method="inclusive")
-    return 1e3 * (quartiles[2] - quartiles[0])
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -282,29 +246,6 @@ def train_entries(config: BenchConfig) -> list[Entry]:
                       family=family, execution=execution)
             )
     return entries
-
-
-def execution_paths(model: nn.Module, rows: tuple[int, ...], device: str, training: bool) -> str:
-    """The paths the delta adapters of ``model`` take on inputs of shape ``rows + (in_features,)``.
-
-    Returns ``"structured"``, ``"dense"`` (folded into the base product, or ``"dense (separate)"``), several joined
-    by ``/``, or ``""`` when the model has no surm delta adapter.
-    """
-    found: set[str] = set()
-    with torch.set_grad_enabled(training):
-        for module in model.modules():
-            if not isinstance(module, SurmLayer):
-                continue
-            x = torch.empty(*rows, module.in_features, device=device)
-            for name, delta in module.surm_delta.items():
-                folded = module.can_fold(delta, x, (), {})
-                path = delta.path(x, folded=folded)
-                found.add(path if path == "structured" or folded else "dense (separate)")
-    return "/".join(sorted(found))
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _batch(config: BenchConfig, device: str) -> dict[str, torch.Tensor]:
@@ -452,7 +393,7 @@ def inference_table(info: dict[str, dict[str, Any]], config: BenchConfig) -> str
 
 def _time_cell(fn: Callable[[], object], config: BenchConfig) -> list[float]:
     """Seconds per call of ``fn``: one warm-up, then up to ``repeats`` calls, at least 3, within a time budget."""
-    sync = _synchronizer(config.device)
+    sync = synchronizer(config.device)
     for _ in range(max(config.warmup, 1)):
         sync()
         start = time.perf_counter()
@@ -699,7 +640,7 @@ class BenchReport:
 
 
 def run_bench(config: BenchConfig) -> BenchReport:
-    """Run the tables of ``config`` and return the report (tables in the order train, inference, apply)."""
+    """Run the tables of ``config`` and return the report (in the order train, inference, paths, apply, decoder)."""
     torch.set_num_threads(config.threads)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_before = _load_average()
@@ -718,6 +659,9 @@ def run_bench(config: BenchConfig) -> BenchReport:
     if "apply" in config.tables:
         data["apply"] = run_apply(config)
         sections.append(apply_tables(data["apply"], config))
+    if "decoder" in config.tables:
+        data["decoder"] = run_decoder(config.device, config.quick, config.warmup, config.repeats)
+        sections.append(decoder_table(data["decoder"], config.device))
     data["machine"] = machine_description(config)
     data["load_average"] = {"start": load_before, "end": _load_average()}
     header = [
