@@ -1,5 +1,12 @@
 """surm: parameter-efficient fine-tuning with structured unrestricted-rank matrices."""
 
+import logging
+
+# PEFT imports bitsandbytes where it is installed; on CPUs with AVX512-BF16 its CPU backend then logs, in every
+# process, that an optional kernel package is missing and that it falls back to its own kernel. That is not an error
+# of the user's, and it would break surm's one-line errors; real failures of bitsandbytes still raise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from .insertion import DeltaUpdate, OutputAdapter
 from .peft import LayerExport, NotMergeableError, SurmConfig, SurmLayer, SurmModel, export_lora
 from .structures import STRUCTURES, StructuredMatrix, structure, structure_options

@@ -15,10 +15,11 @@ from peft.utils import (
     AuxiliaryTrainingWrapper,
     ModulesToSaveWrapper,
 )
+from peft.utils.quantization_utils import get_quantization_kwargs
 from torch import Tensor, nn
 
 from .config import SurmConfig
-from .layer import BASE_ROWS, NotMergeableError, SurmLayer
+from .layer import BASE_ROWS, NotMergeableError, SurmLayer, unpack_cpu_packed
 
 #: Default Adapter placement (Houlsby, as in SURM): after the attention output projection and after the MLP / FFN
 #: output projection of every block (PEFT matches these names as suffixes). BERT-like encoders end both in
@@ -44,11 +45,44 @@ BATCH_ARGUMENTS = ("input_ids", "inputs_embeds", "x", "input")
 
 
 class SurmModel(BaseTuner):
-    """Attaches surm adapters (see :class:`~surm.peft.config.SurmConfig`) to a model; created by ``get_peft_model``."""
+    """Attaches surm adapters (see :class:`~surm.peft.config.SurmConfig`) to a model; created by ``get_peft_model``.
+
+    On a model quantised with bitsandbytes 4-bit on the CPU, a forward in eval mode without gradients repacks the
+    weights for a fused inference kernel that has no backward and that bitsandbytes cannot unpack correctly (see
+    :data:`surm.peft.layer.CPU_PACKING_FLAG`). A training forward and saving therefore first restore every
+    repacked 4-bit layer of the model, adapted or not, to the standard layout (:meth:`unpack_quantized_weights`);
+    otherwise gradients would stop at every repacked layer and saving would corrupt the base weights in memory.
+    """
 
     prefix: str = "surm_"
     tuner_layer_cls = SurmLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: SurmConfig | dict[str, SurmConfig],
+        adapter_name: str,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, Tensor]] = None,
+    ) -> None:
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        self.register_state_dict_pre_hook(_unpack_before_saving)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward; in training mode with gradients, after :meth:`unpack_quantized_weights`."""
+        if self.training and torch.is_grad_enabled():
+            self.unpack_quantized_weights()
+        return super().forward(*args, **kwargs)
+
+    def unpack_quantized_weights(self) -> int:
+        """Restore every bitsandbytes 4-bit weight that a CPU inference forward repacked; return how many.
+
+        See :func:`surm.peft.layer.unpack_cpu_packed`: the layers then compute what they computed packed (up to
+        the 8-bit rounding of double-quantised scales), pass gradients again and save correctly; bitsandbytes packs
+        them again at the next CPU inference forward.
+        """
+        return sum(unpack_cpu_packed(module) for module in self.model.modules())
 
     def _prepare_adapter_config(self, peft_config: SurmConfig, model_config: dict) -> SurmConfig:
         if peft_config.target_modules is not None:
@@ -80,7 +114,9 @@ class SurmModel(BaseTuner):
             if isinstance(target, SurmLayer):
                 target.update_layer(adapter_name, peft_config, settings)
                 return
-            new_module = SurmLayer(target, adapter_name, peft_config, settings)
+            new_module = SurmLayer(
+                target, adapter_name, peft_config, settings, quantization_kwargs=get_quantization_kwargs(self)
+            )
         except (TypeError, ValueError) as error:
             raise type(error)(f"cannot add surm adapter {adapter_name!r} to {current_key!r}: {error}") from error
         if adapter_name not in self.active_adapters:
@@ -209,6 +245,13 @@ class SurmModel(BaseTuner):
         return tuple(names)
 
     def _check_mergeable(self, adapter_names: Optional[list[str]]) -> None:
+        """Refuse a merge before any layer is touched, so that a refused merge never leaves a partial one.
+
+        Raises:
+            NotMergeableError: if an adapter is in mode 'adapter', or if a layer holding one of the delta adapters
+                has a base weight that cannot be written back (:meth:`SurmLayer.merge_refusal`: a non-float weight
+                that no quantisation backend knows, a forward-only backend); naming that layer and its weight type.
+        """
         names = adapter_names if adapter_names is not None else self.active_adapters
         adapter_mode = [n for n in names if n in self.peft_config and self.peft_config[n].mode == "adapter"]
         if adapter_mode:
@@ -216,6 +259,16 @@ class SurmModel(BaseTuner):
                 f"adapter(s) {adapter_mode} are in mode 'adapter' (h + act(S h), non-linear) and cannot be merged; "
                 "use unload() to remove them or disable_adapter() to bypass them"
             )
+        for key, layer in self.model.named_modules():
+            if not isinstance(layer, SurmLayer):
+                continue
+            pending = [n for n in names if n in layer.surm_delta and n not in layer.merged_adapters]
+            refusal = layer.merge_refusal() if pending else None
+            if refusal is not None:
+                raise NotMergeableError(
+                    f"cannot merge surm adapter(s) {pending} into {key!r}: {refusal}; keep them unmerged (they run "
+                    "outside the base product) or use unload()"
+                )
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_mergeable(adapter_names)
@@ -292,6 +345,11 @@ def _route_rows(
     if isinstance(module, ModulesToSaveWrapper):
         routed = [name if name in module.modules_to_save else BASE_ROWS for name in routed]
     return args, {**kwargs, "adapter_names": routed}
+
+
+def _unpack_before_saving(model: SurmModel, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook of a SurmModel: unpack repacked 4-bit weights before bitsandbytes saves them itself."""
+    model.unpack_quantized_weights()
 
 
 def _first_keys(keys: list[str]) -> str:
