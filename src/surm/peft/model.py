@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .config import SurmConfig
 from .layer import BASE_ROWS, NotMergeableError, SurmLayer, unpack_cpu_packed
+from .weighted import add_weighted_adapter
 
 #: Default Adapter placement (Houlsby, as in SURM): after the attention output projection and after the MLP / FFN
 #: output projection of every block (PEFT matches these names as suffixes). BERT-like encoders end both in
@@ -269,6 +270,13 @@ class SurmModel(BaseTuner):
                     f"cannot merge surm adapter(s) {pending} into {key!r}: {refusal}; keep them unmerged (they run "
                     "outside the base product) or use unload()"
                 )
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "exact", svd_rank: Optional[int] = None) -> None:
+        """Add a delta adapter whose update is sum_i weights[i] * (adapter i's update), exactly within the family
+        (``combination_type="exact"``) or as its best rank-``svd_rank`` approximation (``"svd"``); see
+        :mod:`surm.peft.weighted`."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_mergeable(adapter_names)

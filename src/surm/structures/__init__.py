@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .base import StructuredMatrix
+from .base import StructuredMatrix, declared_options
 from .circulant import Circulant
 from .kronecker import Kronecker
 from .ldr import LowDisplacementRank
@@ -120,6 +120,7 @@ __all__ = [
     "SymmetricToeplitz",
     "Toeplitz",
     "checked_registry",
+    "declared_options",
     "option_declarations",
     "search_space",
     "structure",
