@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import surm
 
 ROOT = Path(surm.__file__).parent
@@ -121,6 +123,7 @@ def dependency_order() -> list[str]:
     return order
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_every_module_imports_in_dependency_order_in_a_fresh_process():
     """A new interpreter imports each module after its dependencies, leaves first: each import must succeed with only
     what it declares already loaded (a module that works only after some other import would fail here)."""

@@ -53,6 +53,7 @@ def trained_minilm():
     return model, input_ids, logits
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_full_rank_export_loads_without_surm_and_reproduces_outputs(trained_minilm, tmp_path):
     model, input_ids, logits = trained_minilm
     report = surm.export_lora(model, "full", tmp_path / "lora")

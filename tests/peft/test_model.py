@@ -181,6 +181,7 @@ def test_save_and_load_restores_the_outputs_exactly(family, mode, bottleneck, x,
     assert all(p.requires_grad for p in adapter_parameters(trainable).values())
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_save_and_load_in_a_fresh_process(tmp_path):
     """Every family and mode: save here, load in a new interpreter that only does ``import surm``, compare bit for bit."""
     x = tiny_input()
