@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import atomic
 from .errors import CheckpointError
+from .validation import is_finite_number, is_int, is_number
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -74,7 +75,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not (math.isfinite(data["train_seconds"]) and data["train_seconds"] >= 0):
         raise CheckpointError(f"checkpoint {path}: 'train_seconds' is {data['train_seconds']!r}")
     for entry in data["history"]:
-        if not (isinstance(entry, dict) and all(_is_finite_number(v) for v in entry.values())):
+        if not (isinstance(entry, dict) and all(is_finite_number(v) for v in entry.values())):
             raise CheckpointError(f"checkpoint {path}: a 'history' entry is not a dict of finite numbers: {entry!r}")
     bad = [name for name, value in data["trainable"].items()
            if not (isinstance(name, str) and isinstance(value, Tensor))]
@@ -169,7 +170,7 @@ def _check_like(path: Path, what: str, saved: Any, template: Any) -> None:
             raise CheckpointError(f"cannot resume {path}: its {what} state holds {saved!r} where this run has "
                                   f"{template!r}")
     elif isinstance(template, (int, float)):
-        if not _is_finite_number(saved) or (isinstance(template, int) and not isinstance(saved, int)):
+        if not is_finite_number(saved) or (isinstance(template, int) and not isinstance(saved, int)):
             raise CheckpointError(f"cannot resume {path}: its {what} state holds {saved!r} where this run holds a "
                                   f"value of type {type(template).__name__}")
     elif isinstance(template, Tensor):
@@ -179,14 +180,10 @@ def _check_like(path: Path, what: str, saved: Any, template: Any) -> None:
 
 def _is_a(value: Any, kind: type) -> bool:
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     return isinstance(value, kind)
-
-
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _listing(names: Any) -> str:

@@ -31,7 +31,7 @@ from .commands.finetune import RunConfig, finetune
 from .commands.search import SearchSettings, search
 from .commands.search.settings import FAMILIES, PRUNERS
 from .errors import RunsFailed, SurmError
-from .methods import METHODS, MethodChoice, method_options
+from .methods import METHODS, SURM_OPTIONS, MethodChoice, method_options
 from .peft import SurmConfig
 from .settings import RunSettings, setting_types
 
@@ -70,10 +70,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, 
                                 help=field.metadata["help"])
 
 
-def settings_from_args(args: argparse.Namespace, **fixed: Any) -> RunSettings:
-    """The :class:`RunSettings` of parsed flags (``fixed`` for the fields a command sets itself)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunSettings) if hasattr(args, f.name)}
-    return RunSettings(**{**values, **fixed})
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """The :class:`RunSettings` of parsed flags (a field without a flag, as compare's seed, keeps its default)."""
+    names = [f.name for f in dataclasses.fields(RunSettings) if hasattr(args, f.name)]
+    return RunSettings(**{name: getattr(args, name) for name in names})
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,8 +126,7 @@ def config_method(path: Path, overrides: dict[str, Any]) -> tuple[str, str, Opti
                          f"{sorted(known - provenance)}")
     if not isinstance(data.get("structure"), str):
         raise ValueError(f"--config {path} names no structure (its 'structure' is {data.get('structure')!r})")
-    options = {k: v for k, v in data.items()
-               if k not in provenance | {"structure", "mode", "target_modules"} and v is not None}
+    options = {k: v for k, v in data.items() if k in SURM_OPTIONS and v is not None}
     options.update(overrides)
     targets = data.get("target_modules")
     if isinstance(targets, list):

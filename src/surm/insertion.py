@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from .execution import check_execution, choose_path
 from .structures import StructuredMatrix, structure
 from .structures.base import compute_dtype
+from .validation import is_int
 
 _ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "identity": lambda h: h}
 #: Activations allowed in adapter mode: each has act(0) = 0 and act'(0) != 0 (ReLU would leave a zero S dead).
@@ -129,9 +130,7 @@ class OutputAdapter(nn.Module):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        if bottleneck is not None and (
-            isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or not 1 <= bottleneck <= features
-        ):
+        if bottleneck is not None and not (is_int(bottleneck, minimum=1) and bottleneck <= features):
             raise ValueError(
                 f"bottleneck must be None or an integer in 1..{features} (at most the features d={features}), "
                 f"got {bottleneck!r}"

@@ -42,7 +42,6 @@ BASELINES: dict[str, Baseline] = {
     "lokr": Baseline(LoKrConfig, {"rank": ("r", int), "alpha": ("alpha", float)}, {"r": 8, "alpha": 16}, 3e-3),
     "boft": Baseline(BOFTConfig, {"block_size": ("boft_block_size", int)}, {"boft_block_size": 4}, 1e-2),
 }
-PEFT_BASELINES = tuple(BASELINES)
 #: Learning rate of full fine-tuning (every weight trained).
 FULL_FINETUNING_LR = 1e-4
 METHODS = (*STRUCTURES, *BASELINES, "full")

@@ -7,9 +7,10 @@ passes it to its child runs as flags (:meth:`RunSettings.to_flags`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+from .validation import is_finite_number, is_int, is_number
 
 #: Learning rate of the classifier head, which every method trains.
 HEAD_LEARNING_RATE = 1e-3
@@ -53,21 +54,21 @@ class RunSettings:
                                                   or not self.text_pair_column):
             raise ValueError(f"text_pair_column must be a non-empty string or None, got {self.text_pair_column!r}")
         for name in ("epochs", "batch_size", "max_length"):
-            if not _is_int(getattr(self, name), minimum=1):
+            if not is_int(getattr(self, name), minimum=1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("train_size", "eval_size"):
             value = getattr(self, name)
-            if value is not None and not _is_int(value, minimum=1):
+            if value is not None and not is_int(value, minimum=1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if not _is_int(self.seed, minimum=0):
+        if not is_int(self.seed, minimum=0):
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         for name in ("lr", "head_lr"):
             value = getattr(self, name)
-            if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
+            if value is not None and not (is_finite_number(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not (_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+        if not (is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if not (_is_number(self.weight_decay) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+        if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
                                                               and self.device[5:].isdigit()):
@@ -103,11 +104,3 @@ def setting_types() -> dict[str, type]:
 def setting_defaults() -> dict[str, Any]:
     """Each run setting's default."""
     return {f.name: f.default for f in fields(RunSettings) if f.default is not MISSING}
-
-
-def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

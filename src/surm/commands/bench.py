@@ -53,6 +53,7 @@ from ..methods import MethodChoice, build_peft_config
 from ..models import load_text_classifier
 from ..peft import SurmConfig, SurmLayer
 from ..structures import STRUCTURES, structure
+from ..validation import is_int
 from .decoder_bench import decoder_table, run_decoder
 from .measure import execution_paths, iqr_ms, median_ms, synchronizer, time_interleaved, trainable_parameters
 
@@ -103,9 +104,9 @@ class BenchConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         for name in ("threads", "repeats"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, minimum=1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+        if not is_int(self.warmup, minimum=0):
             raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
         unknown = [t for t in self.tables if t not in TABLES]
         if unknown or not self.tables:

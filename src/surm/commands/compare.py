@@ -24,6 +24,7 @@ from ..checkpoint import CHECKPOINT
 from ..methods import METHODS, MethodChoice, method_options
 from ..settings import RunSettings, setting_defaults, setting_types
 from ..structures import STRUCTURES
+from ..validation import is_int
 from .finetune import RESULTS, RunConfig
 
 #: The README's main job: every surm family (but those PEFT has itself) against PEFT's LoRA and C3A and full
@@ -276,7 +277,7 @@ def compare(specs: list[MethodSpec], seeds: list[int], output: Path, settings: R
     """
     if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+    if not is_int(jobs, minimum=1):
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     common = settings.to_flags(exclude=PER_RUN_SETTINGS)
     title = (f"surm compare: model {settings.model}, dataset {settings.dataset}, {len(seeds)} seed(s), "

@@ -35,6 +35,7 @@ from ..errors import CheckpointError, TrainingDiverged
 from ..methods import MethodChoice, build_peft_config, default_learning_rate
 from ..models import LoadedModel, load_model
 from ..settings import RunSettings
+from ..validation import is_int, require_positive_int
 
 RESULTS = "results.json"
 LOG = "train.log"
@@ -62,12 +63,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
-        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
-                or self.checkpoint_every < 0:
+        if not is_int(self.checkpoint_every, minimum=0):
             raise ValueError(f"checkpoint_every must be >= 0 (0: once per epoch), got {self.checkpoint_every!r}")
-        if isinstance(self.eval_batch_size, bool) or not isinstance(self.eval_batch_size, int) \
-                or self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be a positive integer, got {self.eval_batch_size!r}")
+        require_positive_int("eval_batch_size", self.eval_batch_size)
 
     @property
     def learning_rate(self) -> float:
@@ -268,9 +266,8 @@ class Run:
                                                  self.topology.world_size))
         self.optimizer = self._optimizer()
         total_steps = self.steps_per_epoch * settings.epochs
-        self.scheduler = transformers.get_linear_schedule_with_warmup(self.optimizer,
-                                                                      int(settings.warmup_ratio * total_steps),
-                                                         total_steps)
+        warmup = int(settings.warmup_ratio * total_steps)
+        self.scheduler = transformers.get_linear_schedule_with_warmup(self.optimizer, warmup, total_steps)
         self.checkpoint = self._read_checkpoint()  # checked against this run before anything is written
 
     # -- set-up --------------------------------------------------------------------------------------------
@@ -316,7 +313,7 @@ class Run:
     # -- checkpoints -----------------------------------------------------------------------------------------
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p.detach().cpu().clone() for n, p in self._trainable_parameters().items()}
 
     def _trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -12,6 +11,7 @@ from peft.config import PeftConfig
 from ..execution import EXECUTIONS
 from ..insertion import ACTIVATIONS
 from ..structures import STRUCTURES, option_declarations, structure_options
+from ..validation import is_finite_number, is_int, is_number
 from .registration import SURM_PEFT_TYPE
 
 MODES = ("delta", "adapter")
@@ -138,7 +138,7 @@ class SurmConfig(PeftConfig):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:  # NaN fails the comparison too
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:  # NaN fails the comparison too
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.bottleneck is not None and self.mode != "adapter":
             raise ValueError(f"bottleneck={self.bottleneck!r} needs mode='adapter', got mode={self.mode!r}")
@@ -214,19 +214,10 @@ class SurmConfig(PeftConfig):
         declared = {option.name: option for option in STRUCTURES[name].options}
         options = {key: declared[key].check_type(value, where) for key, value in options.items()}
         bottleneck = settings.get("bottleneck")
-        if bottleneck is not None and not (_is_int(bottleneck) and bottleneck >= 1):
+        if bottleneck is not None and not (is_int(bottleneck, minimum=1)):
             raise ValueError(f"{where}: bottleneck must be a positive integer or None, got {bottleneck!r}")
         alpha = settings.get("alpha")
-        if not _is_number(alpha) or not math.isfinite(alpha):
+        if not is_finite_number(alpha):
             raise ValueError(f"{where}: alpha must be a finite number, got {alpha!r}")
         return {"structure": name, "options": options, "alpha": float(alpha), "bottleneck": bottleneck}
 
-
-def _is_int(value: object) -> bool:
-    """True for an int that is not a bool (a bool is an int to Python but never a size)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    """True for an int or float that is not a bool (strings such as '0.1' are refused, not parsed)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..atomic import atomic_directory
+from ..validation import is_int
 from .layer import SurmLayer
 
 Rank = Union[int, str]
@@ -67,7 +68,7 @@ def _surm_layers(peft_model: PeftModel, adapter_name: str) -> dict[str, SurmLaye
 def _layer_ranks(layers: dict[str, SurmLayer], rank: Rank) -> dict[str, int]:
     if rank == "full":
         return {name: min(layer.in_features, layer.out_features) for name, layer in layers.items()}
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not is_int(rank, minimum=1):
         raise ValueError(f"rank must be a positive integer or 'full', got {rank!r}")
     largest = {name: min(layer.in_features, layer.out_features) for name, layer in layers.items()}
     too_small = {name: limit for name, limit in largest.items() if rank > limit}

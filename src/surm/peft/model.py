@@ -18,6 +18,7 @@ from peft.utils import (
 from peft.utils.quantization_utils import get_quantization_kwargs
 from torch import Tensor, nn
 
+from ..validation import is_int
 from .config import SurmConfig
 from .layer import BASE_ROWS, NotMergeableError, SurmLayer, unpack_cpu_packed
 from .weighted import add_weighted_adapter
@@ -309,7 +310,7 @@ def generation_row_copies(model: nn.Module, kwargs: dict[str, Any]) -> int:
         for config in configs:
             if value is None and config is not None:
                 value = getattr(config, setting, None)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             copies = max(copies, value)
     return copies
 

@@ -16,7 +16,6 @@ Adapter-mode adapters are non-linear (h + act(S h)) and cannot be combined.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,6 +25,7 @@ import torch
 from peft.utils import ModulesToSaveWrapper
 
 from ..structures import STRUCTURES, declared_options
+from ..validation import is_finite_number, is_int
 from .config import FAMILY_OPTION_FIELDS, SurmConfig
 from .export import low_rank_factors
 from .layer import SurmLayer
@@ -97,15 +97,14 @@ def _check_arguments(tuner: Any, adapters: list[str], weights: Sequence[float], 
                          f"adapters: {known}")
     if adapter_name in tuner.peft_config:
         raise ValueError(f"an adapter named {adapter_name!r} exists already; choose another adapter_name")
-    if len(weights) != len(adapters) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+    if len(weights) != len(adapters) or not all(is_finite_number(w) for w in weights):
         raise ValueError(f"weights must be one finite number per adapter ({len(adapters)}), got {list(weights)!r}")
     modes = {a: tuner.peft_config[a].mode for a in adapters}
     if any(mode != "delta" for mode in modes.values()):
         raise ValueError(f"only delta-mode adapters can be combined (their updates are matrices); modes: {modes}")
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
-    if combination_type == "svd" and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+    if combination_type == "svd" and not is_int(svd_rank, minimum=1):
         raise ValueError(f"combination_type='svd' needs svd_rank, a positive integer, got {svd_rank!r}")
     shared = [wrapper for wrapper in tuner.model.modules() if isinstance(wrapper, ModulesToSaveWrapper)
               and sum(a in wrapper.modules_to_save for a in adapters) > 1]

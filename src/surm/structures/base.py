@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..validation import require_positive_int
 from .options import Option
 
 Init = Literal["zero", "random"]
@@ -94,9 +95,8 @@ class StructuredMatrix(nn.Module, ABC):
 
     def __init__(self, out_features: int, in_features: int, init: Init = "zero") -> None:
         super().__init__()
-        for name, value in (("out_features", out_features), ("in_features", in_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_int("out_features", out_features)
+        require_positive_int("in_features", in_features)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.out_features = out_features

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from .base import (Cost, Init, StructuredMatrix, check_combination, compute_dtype, declared_options, kaiming_uniform_,
                    same_options, thin_flops)
-from .options import Option, divisor_nearest_sqrt, divisors, require_positive_int, require_size_option
+from ..validation import require_positive_int
+from .options import Option, divisor_nearest_sqrt, divisors, require_size_option
 
 
 class Kronecker(StructuredMatrix):

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
-from .options import Option, require_positive_int, require_size_option
+from ..validation import require_positive_int
+from .options import Option, require_size_option
 
 
 class Monarch(StructuredMatrix):

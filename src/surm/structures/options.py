@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..validation import is_int, require_positive_int
+
 #: The kinds of value an option takes: an integer, a string, or a pair of positive integers.
 KINDS = (int, str, tuple)
 
@@ -46,10 +48,10 @@ class Option:
         family is built.
         """
         prefix = f"{where}: " if where else ""
-        if self.kind is int and not _is_int(value):
+        if self.kind is int and not is_int(value):
             raise ValueError(f"{prefix}{self.name} must be a positive integer or None, got {value!r}")
         if self.kind is tuple:
-            if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_int, value))):
+            if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(is_int, value))):
                 raise ValueError(f"{prefix}{self.name} must be None or a pair [m1, n1] of positive integers, "
                                  f"got {value!r}")
             return tuple(value)
@@ -89,18 +91,6 @@ Parameterization = Literal["plain", "product"]
 PARAMETERIZATION = Option("parameterization", str, "plain", "'plain': the structure's own numbers are the "
                           "parameters; 'product': SURM's product form (see the family)", choices=("plain", "product"),
                           search=("plain", "product"))
-
-
-def _is_int(value: object) -> bool:
-    """True for an int that is not a bool (a bool is an int to Python but never a size)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def require_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is an integer >= 1, else raise a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def require_size_option(family: str, name: str, value: object, out_features: int, in_features: int) -> int:

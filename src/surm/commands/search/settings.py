@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from ...settings import RunSettings
 from ...structures import STRUCTURES
+from ...validation import is_int
 
 FAMILIES = tuple(STRUCTURES)
 MODES = ("delta", "adapter")
@@ -73,7 +74,7 @@ class SearchSettings:
                              f"got {','.join(self.modes)!r}")
         for name in ("budget", "trials", "heartbeat"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, minimum=1):
                 flag = name.replace("budget", "budget-params")
                 raise ValueError(f"--{flag} must be a positive integer, got {value!r}")
         if self.timeout is not None and not self.timeout > 0:
