@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 
 from . import __version__
 from .commands.bench import BenchConfig, run_bench, write_report
-from .commands.compare import PER_RUN_SETTINGS, QUICK_METHODS, compare, parse_methods, quick_settings
+from .commands.compare import PER_RUN_SETTINGS, QUICK_METHODS, Protocol, compare, parse_methods, quick_settings
 from .commands.demo import run_demo
 from .commands.finetune import RunConfig, finetune
 from .commands.search import SearchSettings, search
@@ -78,8 +78,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """--structure, --mode, --targets, --config, and one flag per method option (families' and baselines')."""
-    parser.add_argument("--structure", default="circulant", help=f"the method: {', '.join(METHODS)}")
-    parser.add_argument("--mode", default="delta", choices=["delta", "adapter"])
+    parser.add_argument("--structure", default=None, help=f"the method: {', '.join(METHODS)} (default: circulant)")
+    parser.add_argument("--mode", default=None, choices=["delta", "adapter"], help="default: delta")
     parser.add_argument("--targets", default=None, help="comma-separated module names (default: query,value)")
     parser.add_argument("--config", type=Path, default=None,
                         help="a surm adapter_config.json (e.g. from surm search): every SurmConfig setting in it is "
@@ -92,9 +92,19 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def method_choice(args: argparse.Namespace) -> MethodChoice:
-    """The MethodChoice of finetune's flags (or of --config, the flags winning)."""
+    """The MethodChoice of finetune's flags (or of --config, the flags winning).
+
+    Raises:
+        ValueError: if --budget-params is given with a method flag (the recommendation chooses the method).
+    """
     options = {name: getattr(args, name) for name in method_options() if getattr(args, name) is not None}
-    name, mode = args.structure, args.mode
+    given = [flag for flag, value in (("--structure", args.structure), ("--mode", args.mode),
+                                      ("--targets", args.targets), ("--config", args.config)) if value is not None]
+    if getattr(args, "budget_params", None) is not None and (given or options):
+        flags = given + [f"--{name.replace('_', '-')}" for name in options]
+        raise ValueError(f"--budget-params builds the recommended method itself (surm.recommend); drop "
+                         f"{', '.join(flags)} or --budget-params")
+    name, mode = args.structure or "circulant", args.mode or "delta"
     targets = args.targets.split(",") if args.targets else None
     if args.config is not None:
         name, mode, targets, options = config_method(args.config, options)
@@ -156,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     finetune_.add_argument("--output", type=Path, required=True)
     finetune_.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     finetune_.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    finetune_.add_argument("--budget-params", type=int, default=None, metavar="N",
+                           help="no method flags: train surm.recommend's delta-mode config with at most N adapter "
+                           "parameters for this model (a fixed rule, no search; see docs/recommend.md)")
+    finetune_.add_argument("--no-test", dest="evaluate_test", action="store_false",
+                           help="do not evaluate (or read) the test split: a run for choosing settings on validation")
 
     compare_ = commands.add_parser("compare", help="several methods x seeds: comparison.md/json and frontier.png")
     add_settings_arguments(compare_, exclude=PER_RUN_SETTINGS)
@@ -165,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare_.add_argument("--output", type=Path, default=Path("runs/compare"))
     compare_.add_argument("--quick", action="store_true", help="the main job's preset (default when no flag is given)")
     compare_.add_argument("--jobs", type=int, default=1, help="runs at the same time (GPU); 1 keeps times comparable")
+    compare_.add_argument("--tune-lr", type=int, default=0, metavar="N",
+                          help="choose each method's learning rate on the validation split among N rates of the "
+                          "1-3 ladder centred on its default (tuning runs never read the test split), then run the "
+                          "chosen rate with every seed (default 0: no tuning)")
+    compare_.add_argument("--tune-seeds", type=int, default=1, help="seeds of each tuning run (with --tune-lr)")
+    compare_.add_argument("--reference", default=None, metavar="METHOD",
+                          help="report each method's paired difference to this one (as listed in --methods) with "
+                          "a 95%% interval over seeds")
 
     demo = commands.add_parser("demo", help="every family on real layer shapes: parameters and apply time")
     demo.add_argument("--tokens", type=int, default=2048)
@@ -207,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_finetune(args: argparse.Namespace) -> None:
     config = RunConfig(method=method_choice(args), output=args.output, settings=settings_from_args(args),
-                       resume=args.resume, checkpoint_every=args.checkpoint_every)
+                       resume=args.resume, checkpoint_every=args.checkpoint_every, evaluate_test=args.evaluate_test,
+                       budget_params=args.budget_params)
     results = finetune(config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, every process returns the same results
         print(json.dumps({k: results[k] for k in ("method", "trainable_params", "test_accuracy", "test_macro_f1",
@@ -221,7 +245,8 @@ def run_compare(args: argparse.Namespace, quick: bool) -> None:
         settings = quick_settings(settings)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
-    table, failed = compare(specs, list(range(args.seeds)), args.output, settings, jobs=args.jobs)
+    protocol = Protocol(tune_lr=args.tune_lr, tune_seeds=args.tune_seeds, reference=args.reference)
+    table, failed = compare(specs, list(range(args.seeds)), args.output, settings, jobs=args.jobs, protocol=protocol)
     print(table)
     print(f"written: {args.output / 'comparison.md'}, {args.output / 'comparison.json'}, "
           f"{args.output / 'frontier.png'}")

@@ -1,5 +1,6 @@
 """surm compare: the --methods syntax, and a real comparison (2 methods x 2 seeds, each a ``surm finetune`` child)
-with its table, JSON and plot, reuse of finished runs, and failed runs."""
+with its table, JSON and plot, reuse of finished runs, and failed runs; the plot's labels and Pareto front; the
+learning-rate tuning protocol (``--tune-lr``, ``--reference``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import subprocess
 
 import pytest
 
-from surm.commands.compare import MethodSpec, parse_methods
+from surm.commands.compare import MethodSpec, Protocol, frontier_plot, pareto_front, parse_methods
+from surm.commands.compare import compare as compare_runs
+from surm.settings import RunSettings
 
 from ..runs import call_main, environment, interrupted_stderr, surm_command, wait_for
 
@@ -60,6 +63,88 @@ def test_parse_methods_errors(text, message):
     with pytest.raises(ValueError) as error:
         parse_methods(text)
     assert message in str(error.value)
+
+
+def test_parse_methods_targets_keep_their_commas():
+    specs = parse_methods("lora,circulant+targets=query,value,attention.output.dense,"
+                          "monarch+targets=query,key+nblocks=2,kronecker")
+    assert [s.name for s in specs] == ["lora", "circulant", "monarch", "kronecker"]
+    assert specs[1].targets == ["query", "value", "attention.output.dense"] and specs[1].options == {}
+    assert specs[1].option_flags() == ["--targets", "query,value,attention.output.dense"]
+    assert specs[1].method().targets == ["query", "value", "attention.output.dense"]
+    assert specs[2].targets == ["query", "key"] and specs[2].options == {"nblocks": 2}
+    assert specs[2].option_flags() == ["--targets", "query,key", "--nblocks", "2"]
+    assert specs[0].targets is None and specs[0].method().targets is None
+    assert specs[1].key == "circulant_targets_query-value-attention.output.dense"
+
+
+@pytest.mark.parametrize("protocol, settings, methods, message", [
+    (Protocol(tune_lr=1), {}, "lora", "--tune-lr takes the number of grid points per method, at least 2, got 1"),
+    (Protocol(tune_lr=3), {"lr": 1e-3}, "lora", "--lr 0.001 fixes every method's rate, which --tune-lr would choose"),
+    (Protocol(tune_lr=3), {}, "lora+lr=1e-3,circulant", "--methods fixes the rate of lora_lr_1e-3 (+lr=...)"),
+    (Protocol(tune_lr=3, tune_seeds=0), {}, "lora", "--tune-seeds must be at least 1, got 0"),
+    (Protocol(tune_seeds=2), {}, "lora", "--tune-seeds applies only with --tune-lr"),
+    (Protocol(reference="loar"), {}, "lora,circulant", "--reference 'loar' is not one of the compared methods: "
+                                                       "lora, circulant"),
+])
+def test_a_protocol_that_does_not_apply_is_refused_before_any_run(tmp_path, protocol, settings, methods, message):
+    with pytest.raises(ValueError) as error:
+        compare_runs(parse_methods(methods), [0], tmp_path / "out", RunSettings(**settings), protocol=protocol)
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+# -- the plot -------------------------------------------------------------------------------------------------------
+
+
+def test_pareto_front():
+    points = [(10, 80.0), (5, 81.0), (20, 79.0), (40, 85.0), (40, 84.0), (5, 70.0), (80, 85.0)]
+    assert pareto_front(points) == [1, 3]
+
+
+def plotted_rows():
+    """The main job's situation: several methods with the same parameter count and nearly the same accuracy."""
+    rows = []
+    for index, (label, params, accuracy) in enumerate([
+            ("circulant", 5_378, 0.8095), ("symmetric_toeplitz", 5_378, 0.8096), ("ldr", 9_986, 0.8083),
+            ("lokr", 8_450, 0.8149), ("toeplitz", 9_974, 0.8247), ("kronecker", 10_754, 0.8253),
+            ("circulant adapter", 9_986, 0.8155), ("lora", 74_498, 0.8420), ("lowrank", 74_498, 0.8420),
+            ("full", 22_713_986, 0.8644)]):
+        rows.append({"label": label, "trainable_params": params, "accuracy_mean": accuracy,
+                     "accuracy_std": 0.01 * (index % 3)})
+    return rows
+
+
+def test_labels_never_overlap_and_the_front_is_drawn(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from surm.commands import compare as module
+
+    drawn = {}
+    original = module.place_labels
+
+    def spy(axes, renderer, anchors, labels):
+        drawn["labels"] = original(axes, renderer, anchors, labels)
+        drawn["boxes"] = [Text.get_window_extent(text, renderer) for text in drawn["labels"]]  # without leaders
+        drawn["lines"] = {line.get_label(): line.get_xydata().tolist() for line in axes.get_lines()}
+        return drawn["labels"]
+
+    monkeypatch.setattr(module, "place_labels", spy)
+    monkeypatch.setattr(plt, "close", lambda figure: None)
+    rows = plotted_rows()
+    frontier_plot(rows, tmp_path / "frontier.png", "a title")
+    assert (tmp_path / "frontier.png").read_bytes().startswith(b"\x89PNG")
+    assert [text.get_text() for text in drawn["labels"]] == [row["label"] for row in rows]
+    boxes = drawn["boxes"]
+    overlapping = [(rows[i]["label"], rows[j]["label"]) for i in range(len(boxes)) for j in range(i)
+                   if boxes[i].overlaps(boxes[j])]
+    assert overlapping == []
+    expected = ["symmetric_toeplitz", "lokr", "toeplitz", "kronecker", "lora", "full"]  # each beats all cheaper
+    front = [[row["trainable_params"], 100 * row["accuracy_mean"]] for label in expected for row in rows
+             if row["label"] == label]
+    line = drawn["lines"]["Pareto front (best accuracy for at most so many parameters)"]
+    assert [x for x, _ in line] == [x for x, _ in front] and [y for _, y in line] == pytest.approx([y for _, y in front])
 
 
 # -- a real comparison --------------------------------------------------------------------------------------------
@@ -187,3 +272,68 @@ def test_ctrl_c_stops_the_comparison_and_a_rerun_finishes_it(tmp_path):
     assert outcome.code == 0, outcome.stderr[-3000:]
     log = (output / "runs" / "circulant" / "seed0" / "train.log").read_text()
     assert "resumed from" in log
+
+
+# -- the tuning protocol ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """``--tune-lr 2 --reference lora`` over lora and circulant with 2 seeds: 4 tuning runs, then 4 final runs."""
+    output = tmp_path_factory.mktemp("tuned") / "cmp"
+    outcome = compare(output, "lora,circulant", 2, "--tune-lr", "2", "--reference", "lora", "--jobs", "2")
+    return outcome, output
+
+
+@pytest.mark.slow
+def test_tuning_runs_never_read_the_test_split_and_the_final_runs_use_the_best_validation_rate(tuned):
+    outcome, output = tuned
+    assert outcome.code == 0, outcome.stderr
+    summary = json.loads((output / "comparison.json").read_text())
+    assert summary["reference"] == "lora" and summary["failed"] == []
+    for method, grid in (("lora", [1e-3, 3e-3]), ("circulant", [3e-3, 1e-2])):
+        record = summary["tuning"][method]
+        assert record["grid"] == pytest.approx(grid)
+        validation = {}
+        for rate in grid:
+            folder = output / "runs" / method / "tune" / f"lr-{rate:g}" / "seed0"
+            results = json.loads((folder / "results.json").read_text())
+            assert results["config"]["lr"] == pytest.approx(rate) and results["config"]["evaluate_test"] is False
+            assert results["test_accuracy"] is None and results["test_macro_f1"] is None
+            assert " / 0 test examples;" in (folder / "train.log").read_text()  # the test split was never loaded
+            validation[rate] = results["validation_history"][-1]["accuracy"]
+            assert record["validation"][f"{rate:g}"] == [validation[rate]]
+        best = max(validation.values())
+        chosen = record["chosen"]
+        assert validation[chosen] == best and (chosen == grid[0] or validation[grid[0]] < best)  # ties: the default
+        finals = [json.loads((output / "runs" / method / f"lr-{chosen:g}" / f"seed{seed}" / "results.json")
+                             .read_text()) for seed in SEEDS]
+        assert [r["config"]["lr"] for r in finals] == [chosen] * len(SEEDS)
+        assert all(r["config"]["evaluate_test"] and r["test_accuracy"] is not None for r in finals)
+        row = next(row for row in summary["rows"] if row["method"] == method)
+        assert row["lr"] == chosen and row["accuracy_mean"] == pytest.approx(
+            statistics.fmean(r["test_accuracy"] for r in finals))
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert rows["lora"]["difference"] is None
+    lora = {s: json.loads(next((output / "runs" / "lora").glob(f"lr-*/seed{s}/results.json")).read_text())
+            for s in SEEDS}
+    circulant = {s: json.loads(next((output / "runs" / "circulant").glob(f"lr-*/seed{s}/results.json")).read_text())
+                 for s in SEEDS}
+    differences = [circulant[s]["test_accuracy"] - lora[s]["test_accuracy"] for s in SEEDS]
+    half = 12.706 * statistics.stdev(differences) / 2 ** 0.5
+    difference = rows["circulant"]["difference"]
+    assert difference["mean"] == pytest.approx(statistics.fmean(differences))
+    assert (difference["low"], difference["high"]) == pytest.approx((statistics.fmean(differences) - half,
+                                                                     statistics.fmean(differences) + half))
+    markdown = (output / "comparison.md").read_text()
+    assert "learning rate tuned on validation (2 rates per method, 1 tuning seed(s))" in markdown
+    assert "| Δ vs lora (95 % CI) |" in markdown
+    assert "Learning rates chosen on the validation split" in markdown
+    assert f"**{record['chosen']:g}: " in markdown
+
+
+@pytest.mark.slow
+def test_a_tuned_comparison_reruns_nothing(tuned):
+    _, output = tuned
+    again = compare(output, "lora,circulant", 2, "--tune-lr", "2", "--reference", "lora")
+    assert again.code == 0 and "[compare]" not in again.stderr

@@ -32,7 +32,7 @@ from ..checkpoint import CHECKPOINT, check_resumable, read_checkpoint, save_chec
 from ..data import DatasetSplits, accuracy, is_imbalanced, load_dataset, macro_f1
 from ..distributed import Topology, barrier, gather_objects, init_topology, shutdown
 from ..errors import CheckpointError, TrainingDiverged
-from ..methods import MethodChoice, build_peft_config, default_learning_rate
+from ..methods import MethodChoice, build_peft_config, default_learning_rate, recommended_method
 from ..models import LoadedModel, load_model
 from ..settings import RunSettings
 from ..validation import is_int, require_positive_int
@@ -48,7 +48,11 @@ log = logging.getLogger("surm")
 
 @dataclass
 class RunConfig:
-    """One run: the method, the output folder, the run settings, and how to checkpoint.
+    """One run: the method, the output folder, the run settings, how to checkpoint, and whether the test split is
+    evaluated at the end (``evaluate_test=False``: a tuning run, whose test metrics are None and which never reads
+    the test split, so that a choice made on validation cannot have looked at it). With ``budget_params``, the
+    method is replaced, once the model is loaded, by :func:`surm.recommendation.recommend`'s for that budget (its
+    ``method`` must be left at the default).
 
     Raises:
         ValueError: for a checkpoint interval or evaluation batch size out of range (the settings check themselves).
@@ -60,12 +64,16 @@ class RunConfig:
     checkpoint_every: int = 0
     resume: bool = False
     eval_batch_size: int = 128
+    evaluate_test: bool = True
+    budget_params: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
         if not is_int(self.checkpoint_every, minimum=0):
             raise ValueError(f"checkpoint_every must be >= 0 (0: once per epoch), got {self.checkpoint_every!r}")
         require_positive_int("eval_batch_size", self.eval_batch_size)
+        if self.budget_params is not None:
+            require_positive_int("budget_params", self.budget_params)
 
     @property
     def learning_rate(self) -> float:
@@ -78,7 +86,8 @@ class RunConfig:
         method, the output folder, every run setting but the device (a run may resume on another), the resolved
         learning rate and the evaluation batch size."""
         data = {"method": asdict(self.method), "output": str(self.output), **self.settings.describe(),
-                "lr": self.learning_rate, "eval_batch_size": self.eval_batch_size}
+                "lr": self.learning_rate, "eval_batch_size": self.eval_batch_size,
+                "evaluate_test": self.evaluate_test, "budget_params": self.budget_params}
         data.pop("device")
         return data
 
@@ -256,9 +265,12 @@ class Run:
         )
         self.train_examples = subset(self.data.train, settings.train_size, settings.seed)
         self.validation_examples = subset(self.data.validation, settings.eval_size, settings.seed)
-        self.test_examples = subset(self.data.test, settings.eval_size, settings.seed)
+        self.test_examples = (subset(self.data.test, settings.eval_size, settings.seed) if config.evaluate_test
+                              else [])
         torch.manual_seed(settings.seed)  # the classifier head and adapter inits depend on the seed only
         self.loaded: LoadedModel = load_model(settings.model, self.data, settings.max_length)
+        if config.budget_params is not None:
+            config.method = recommended_method(self.loaded.model, config.budget_params)
         self.peft_config = build_peft_config(config.method, self.loaded.task_type, self.loaded.head,
                                              self.loaded.default_targets)
         self.model = self._wrap(self.loaded.model).to(self.device)
@@ -441,14 +453,18 @@ class Run:
                 interrupt.check()
                 if on_epoch is not None:
                     on_epoch(state["epoch"], metrics)
-        test = self.evaluate(self.test_examples)
+        test = self.evaluate(self.test_examples) if config.evaluate_test else None
         results = self._results(state, test, trainable_params)
         self._check_finite("adapter" if self.peft_config is not None else "model")
         if topology.is_main:
             self._save_model()
             atomic.write_json(self.output / RESULTS, results)
-            log.info("test accuracy %.4f, macro-F1 %.4f; %.1f s of training, %.1f samples/s", test["accuracy"],
-                     test["macro_f1"], state["train_seconds"], results["samples_per_second"])
+            if test is None:
+                log.info("the test split was not evaluated (--no-test); %.1f s of training, %.1f samples/s",
+                         state["train_seconds"], results["samples_per_second"])
+            else:
+                log.info("test accuracy %.4f, macro-F1 %.4f; %.1f s of training, %.1f samples/s", test["accuracy"],
+                         test["macro_f1"], state["train_seconds"], results["samples_per_second"])
         barrier(topology)
         shutdown(topology)
         return results
@@ -501,7 +517,9 @@ class Run:
         scheduler.step()
         return float(loss_sum.detach()) / len(share)
 
-    def _results(self, state: dict[str, Any], test: dict[str, float], trainable_params: int) -> dict[str, Any]:
+    def _results(self, state: dict[str, Any], test: Optional[dict[str, float]],
+                 trainable_params: int) -> dict[str, Any]:
+        """results.json; the test metrics are None when the test split was not evaluated."""
         test_labels = np.array([e.label for e in self.test_examples])
         return {
             "method": self.config.method.name,
@@ -517,10 +535,10 @@ class Run:
             "head_params": sum(p.numel() for n, p in self.model.named_parameters()
                                if p.requires_grad and n in head_parameter_names(self.model, self.loaded.head)),
             "total_params": sum(p.numel() for p in self.model.parameters()),
-            "test_accuracy": test["accuracy"],
-            "test_macro_f1": test["macro_f1"],
-            "test_loss": test["loss"],
-            "imbalanced": bool(is_imbalanced(test_labels, self.data.num_labels)),
+            "test_accuracy": test["accuracy"] if test else None,
+            "test_macro_f1": test["macro_f1"] if test else None,
+            "test_loss": test["loss"] if test else None,
+            "imbalanced": bool(is_imbalanced(test_labels, self.data.num_labels)) if test else None,
             "validation_history": state["history"],
             "train_seconds": state["train_seconds"],
             "samples_per_second": state["samples"] / max(state["train_seconds"], 1e-9),
