@@ -9,6 +9,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .insertion import DeltaUpdate, OutputAdapter
 from .peft import LayerExport, NotMergeableError, SurmConfig, SurmLayer, SurmModel, export_lora
+from .recommendation import recommend
 from .structures import STRUCTURES, StructuredMatrix, structure, structure_options
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "SurmModel",
     "__version__",
     "export_lora",
+    "recommend",
     "structure",
     "structure_options",
 ]

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from peft import BOFTConfig, C3AConfig, LoKrConfig, LoraConfig, PeftConfig
 
 from .peft import SurmConfig
+from .recommendation import recommend, recommended_targets
 from .structures import STRUCTURES, option_declarations
 
 
@@ -130,6 +131,15 @@ class MethodChoice:
         parts = [self.name] + ([self.mode] if self.mode != "delta" else [])
         parts += [f"{k}={v}" for k, v in sorted(self.options.items()) if v is not None]
         return " ".join(parts)
+
+
+def recommended_method(model: Any, budget_params: int) -> MethodChoice:
+    """The method :func:`surm.recommend.recommend` builds for ``model`` and ``budget_params``, as a MethodChoice
+    (its targets in the recommendation's priority order)."""
+    config = recommend(model, budget_params)
+    options = {o.name: getattr(config, o.name) for o in STRUCTURES[config.structure].options
+               if getattr(config, o.name) is not None}
+    return MethodChoice(config.structure, targets=recommended_targets(model, config), options=options)
 
 
 def default_targets(mode: str) -> list[str]:

@@ -335,3 +335,66 @@ def test_non_finite_weights_are_never_saved(tmp_path):
                                                "not writing the checkpoint"):
         run._save_checkpoint({})
     assert not (tmp_path / "run").exists()
+
+
+# -- runs for choosing settings, and the recommended method ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_no_test_never_touches_the_test_split(tmp_path, monkeypatch):
+    """``--no-test`` (compare's tuning runs): the test examples are never even drawn, the metrics are None."""
+    from surm.commands import finetune as module
+
+    data = load_dataset("mr", seed=0)
+    drawn = []
+    original = module.subset
+
+    def spy(examples, size, seed):
+        drawn.append(len(examples))
+        return original(examples, size, seed)
+
+    monkeypatch.setattr(module, "subset", spy)
+    outcome = finetune_main(tmp_path / "run", "--structure", "circulant", *TINY, "--epochs", "1", "--no-test")
+    assert drawn == [len(data.train), len(data.validation)]  # no draw from the test split
+    results = outcome.results
+    assert results["test_accuracy"] is None and results["test_macro_f1"] is None and results["test_loss"] is None
+    assert results["config"]["evaluate_test"] is False and len(results["validation_history"]) == 1
+    assert "the test split was not evaluated (--no-test)" in (tmp_path / "run" / "train.log").read_text()
+    assert '"test_accuracy": null' in outcome.stdout
+
+
+@pytest.mark.slow
+def test_budget_params_trains_the_recommended_method_within_the_budget(tmp_path):
+    outcome = finetune_main(tmp_path / "run", "--budget-params", "7372", *TINY, "--epochs", "1")
+    results = outcome.results
+    assert results["config"]["budget_params"] == 7372
+    assert results["config"]["method"] == {"name": "circulant", "mode": "delta", "options": {},
+                                           "targets": ["attention.self.query", "attention.self.value",
+                                                       "attention.output.dense"]}
+    assert results["trainable_params"] - results["head_params"] == 6912 <= 7372
+    assert trainable_count(tmp_path / "run" / "adapter") == 6912 + 770
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--structure", "lora"], "--structure"),
+    (["--mode", "delta"], "--mode"),
+    (["--targets", "query"], "--targets"),
+    (["--nblocks", "4"], "--nblocks"),
+])
+def test_budget_params_refuses_method_flags(tmp_path, flags, named):
+    outcome = call_main("finetune", "--budget-params", "7372", *flags, "--output", str(tmp_path / "run"))
+    assert outcome.code == 2
+    assert outcome.stderr.strip() == (f"surm finetune: error: --budget-params builds the recommended method itself "
+                                      f"(surm.recommend); drop {named} or --budget-params")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("0", "budget_params must be a positive integer, got 0"),
+    ("100", "budget_params=100 is below the cheapest recommendation (circulant on attention.self.query: 2,304 "
+            "parameters); give at least 2,304"),
+])
+def test_a_budget_too_small_is_refused_before_training(tmp_path, budget, message):
+    outcome = call_main("finetune", "--budget-params", budget, *TINY, "--output", str(tmp_path / "run"))
+    assert outcome.code == 2 and outcome.stderr.strip() == f"surm finetune: error: {message}"
+    assert not (tmp_path / "run" / "train.log").exists()

@@ -1,0 +1,159 @@
+"""``surm.recommend``: a delta-mode SurmConfig for a parameter budget, by a fixed rule (instant, no training).
+
+The rule (measured in ``docs/results/accuracy_per_parameter.md``; ``surm search`` is the slower, better option):
+
+1. **Where.** The candidate layers are the linear layers (``nn.Linear``, Transformers' ``Conv1D``, 1x1
+   convolutions) inside the
+   model's repeated blocks (a module path with a numeric index, e.g. ``encoder.layer.3.attention.self.query``);
+   embeddings, poolers and heads are left alone. Layers are grouped by *role*, the path after the block index
+   (``attention.self.query``), and roles are taken in the order of :data:`ROLE_PRIORITY` (query, value,
+   fused qkv, attention output, key, MLP in, MLP out), then any other role in model order.
+2. **What.** The first recipe of :data:`RECIPES` (richest first) with which at least :attr:`Recipe.min_roles`
+   roles fit in the budget; with it, roles are added in priority order while the total fits (a role that does not
+   fit ends the list, so the chosen roles are always a prefix of the priority order).
+3. **How many.** Exactly counted: each layer's update (``DeltaUpdate`` of the family at the layer's shape) is
+   built on the meta device and its trainable parameters summed, so the result's adapter has at most
+   ``budget_params`` parameters.
+
+The same model and budget always give the same config.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .insertion import DeltaUpdate
+from .peft import SurmConfig
+from .structures import structure
+from .validation import is_int
+
+#: Role patterns, most useful first (a role matches the first pattern that its path ends with, dot-separated).
+ROLE_PRIORITY: tuple[str, ...] = (
+    r"(query|q_proj|q_lin|q)",
+    r"(value|v_proj|v_lin|v)",
+    r"(c_attn|query_key_value|qkv_proj|Wqkv|qkv)",
+    r"(attention\.output\.dense|o_proj|out_proj|out_lin|attn\.c_proj|self_attention\.dense|attention\.dense)",
+    r"(key|k_proj|k_lin|k)",
+    r"(intermediate\.dense|up_proj|gate_proj|c_fc|fc1|lin1|dense_h_to_4h|w1|w3)",
+    r"(output\.dense|down_proj|mlp\.c_proj|fc2|lin2|dense_4h_to_h|w2)",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A family with its options, and the fewest roles it must cover to be chosen."""
+
+    family: str
+    options: dict[str, Any] = field(default_factory=dict)
+    min_roles: int = 2
+
+
+#: Richest first: the first recipe that covers ``min_roles`` roles within the budget is used.
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("monarch", {"nblocks": 4, "block_rank": 4}, min_roles=4),
+    Recipe("circulant", {}, min_roles=1),
+)
+
+
+@dataclass(frozen=True)
+class Role:
+    """The layers of one role: its target name (the path after the block index) and their (out, in) shapes."""
+
+    target: str
+    shapes: tuple[tuple[int, int], ...]
+
+
+def _adaptable(model: nn.Module) -> Iterator[tuple[str, int, int]]:
+    """(name, out, in) of every layer a delta update can wrap: linear layers, Conv1D, 1x1 convolutions."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            yield name, module.out_features, module.in_features
+        elif isinstance(module, Conv1D):
+            yield name, module.nf, module.weight.shape[0]
+        elif isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
+            yield name, module.out_channels, module.in_channels
+
+
+def model_roles(model: nn.Module) -> list[Role]:
+    """The linear layers inside the model's repeated blocks, grouped by role, in :data:`ROLE_PRIORITY` order."""
+    shapes: dict[str, list[tuple[int, int]]] = {}
+    for name, out_features, in_features in _adaptable(model):
+        parts = name.split(".")
+        indices = [i for i, part in enumerate(parts) if part.isdigit()]
+        if not indices or indices[-1] == len(parts) - 1:
+            continue
+        shapes.setdefault(".".join(parts[indices[-1] + 1:]), []).append((out_features, in_features))
+
+    def rank(target: str) -> int:
+        for position, pattern in enumerate(ROLE_PRIORITY):
+            if re.search(rf"(^|\.){pattern}$", target):
+                return position
+        return len(ROLE_PRIORITY)
+
+    order = {target: index for index, target in enumerate(shapes)}
+    return [Role(target, tuple(shapes[target])) for target in sorted(shapes, key=lambda t: (rank(t), order[t]))]
+
+
+@functools.lru_cache(maxsize=None)
+def layer_parameters(family: str, options: tuple[tuple[str, Any], ...], out_features: int, in_features: int) -> int:
+    """Trainable parameters of the delta update of ``family`` (with ``options``) on one (out, in) layer, counted on
+    the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        update = DeltaUpdate(structure(family, out_features, in_features, **dict(options)))
+    return sum(p.numel() for p in update.parameters() if p.requires_grad)
+
+
+def role_parameters(recipe: Recipe, role: Role) -> int:
+    """Trainable parameters of ``recipe`` on every layer of ``role``."""
+    options = tuple(sorted(recipe.options.items()))
+    return sum(layer_parameters(recipe.family, options, out, in_) for out, in_ in role.shapes)
+
+
+def recommended_targets(model: nn.Module, config: SurmConfig) -> list[str]:
+    """``config.target_modules`` (a set, as PEFT stores it) in the priority order of ``model``'s roles."""
+    return [role.target for role in model_roles(model) if role.target in config.target_modules]
+
+
+def recommend(model: nn.Module, budget_params: int) -> SurmConfig:
+    """The recommended delta-mode config for ``model`` with at most ``budget_params`` adapter parameters.
+
+    Args:
+        model: the model to adapt (a Transformers model or any module with numbered blocks of linear layers).
+        budget_params: the most adapter parameters (a classifier head or other ``modules_to_save`` not counted).
+
+    Returns:
+        A :class:`SurmConfig` (structure, options, ``target_modules``); set ``task_type`` and ``modules_to_save`` on
+        it as your task needs.
+
+    Raises:
+        ValueError: for a budget that is not a positive integer, a model without numbered blocks of linear layers,
+            or a budget below the cheapest recommendation (naming what that would need).
+    """
+    if not is_int(budget_params, minimum=1):
+        raise ValueError(f"budget_params must be a positive integer, got {budget_params!r}")
+    roles = model_roles(model)
+    if not roles:
+        raise ValueError(f"{type(model).__name__} has no linear layers inside numbered blocks (such as "
+                         "encoder.layer.0.attention.self.query) for surm.recommend; choose target_modules yourself")
+    for recipe in RECIPES:
+        chosen, total = [], 0
+        for role in roles:
+            cost = role_parameters(recipe, role)
+            if total + cost > budget_params:
+                break
+            chosen.append(role.target)
+            total += cost
+        if len(chosen) >= min(recipe.min_roles, len(roles)):
+            return SurmConfig(structure=recipe.family, target_modules=chosen, **recipe.options)
+    cheapest = RECIPES[-1]
+    need = role_parameters(cheapest, roles[0])
+    raise ValueError(f"budget_params={budget_params:,} is below the cheapest recommendation ({cheapest.family} on "
+                     f"{roles[0].target}: {need:,} parameters); give at least {need:,}")

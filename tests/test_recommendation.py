@@ -1,0 +1,160 @@
+"""surm.recommend: the rule's roles on real architectures (MiniLM pretrained; tiny Llama, Qwen2, GPT-2 and
+EfficientNet-style models built from configs with random weights), the budget as a hard bound on the built adapter,
+determinism, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+from torch import nn
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, LlamaConfig,
+                          Qwen2Config)
+
+import surm
+from surm.models import minilm_path
+from surm.recommendation import RECIPES, model_roles, recommended_targets
+
+from .runs import environment
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+
+
+def tiny_llama():
+    return AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+
+
+def tiny_qwen2():
+    return AutoModelForCausalLM.from_config(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+
+
+def tiny_gpt2():
+    return AutoModelForCausalLM.from_config(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128,
+                                                       bos_token_id=0, eos_token_id=0))
+
+
+def adapter_parameters(model, config):
+    wrapped = peft.get_peft_model(model, config)
+    return sum(p.numel() for n, p in wrapped.named_parameters() if p.requires_grad and "surm_" in n)
+
+
+def test_minilm_roles_in_priority_order(minilm):
+    roles = model_roles(minilm)
+    assert [r.target for r in roles] == ["attention.self.query", "attention.self.value", "attention.output.dense",
+                                         "attention.self.key", "intermediate.dense", "output.dense"]
+    assert [len(r.shapes) for r in roles] == [6] * 6
+    assert roles[4].shapes[0] == (1536, 384) and roles[5].shapes[0] == (384, 1536)
+
+
+@pytest.mark.parametrize("build, expected", [
+    (tiny_llama, ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.k_proj", "mlp.gate_proj",
+                  "mlp.up_proj", "mlp.down_proj"]),
+    (tiny_qwen2, ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.k_proj", "mlp.gate_proj",
+                  "mlp.up_proj", "mlp.down_proj"]),
+    (tiny_gpt2, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
+])
+def test_decoder_roles(build, expected):
+    """The heads (lm_head) and embeddings are not candidates; GPT-2's fused qkv Conv1D comes first."""
+    assert [r.target for r in model_roles(build())] == expected
+
+
+class Block(nn.Module):
+    """An EfficientNet-style block: a 1x1 expansion, a 3x3 depthwise and a grouped 1x1 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv_pw = nn.Conv2d(channels, 2 * channels, 1)
+        self.conv_dw = nn.Conv2d(2 * channels, 2 * channels, 3, padding=1, groups=2 * channels)
+        self.conv_grouped = nn.Conv2d(2 * channels, channels, 1, groups=2)
+
+
+def test_one_by_one_convolutions_in_numbered_blocks_are_candidates():
+    model = nn.Module()
+    model.stem = nn.Conv2d(3, 8, 1)
+    model.blocks = nn.ModuleList([Block(8), Block(8)])
+    assert [(r.target, r.shapes) for r in model_roles(model)] == [("conv_pw", ((16, 8), (16, 8)))]
+
+
+@pytest.mark.parametrize("budget", [2_304, 4_608, 7_372, 9_216, 20_000, 27_648, 36_863, 73_728, 200_000])
+def test_the_built_adapter_stays_within_the_budget(minilm, budget):
+    config = surm.recommend(minilm, budget)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    assert adapter_parameters(model, config) <= budget
+
+
+@pytest.mark.parametrize("budget, structure, targets", [
+    (7_372, "circulant", ["attention.self.query", "attention.self.value", "attention.output.dense"]),
+    (4_608, "circulant", ["attention.self.query", "attention.self.value"]),
+    (73_728, "monarch", ["attention.self.query", "attention.self.value", "attention.output.dense",
+                         "attention.self.key"]),
+])
+def test_the_documented_recommendations(minilm, budget, structure, targets):
+    config = surm.recommend(minilm, budget)
+    assert config.structure == structure and config.mode == "delta"
+    assert recommended_targets(minilm, config) == targets
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_gpt2])
+@pytest.mark.parametrize("budget", [300, 1_000, 5_000, 50_000])
+def test_decoder_recommendations_fit(build, budget):
+    model = build()
+    try:
+        config = surm.recommend(model, budget)
+    except ValueError as error:
+        assert "is below the cheapest recommendation" in str(error)
+        return
+    assert adapter_parameters(model, config) <= budget
+
+
+def test_the_recommendation_is_deterministic(minilm):
+    """The same model and budget give the same config, here and in a fresh interpreter."""
+    here = {budget: surm.recommend(minilm, budget).to_dict() for budget in (7_372, 73_728)}
+    again = {budget: surm.recommend(minilm, budget).to_dict() for budget in (7_372, 73_728)}
+    assert here == again
+    code = ("import json, surm, transformers; from surm.models import minilm_path; "
+            "m = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2); "
+            "print(json.dumps({b: sorted(surm.recommend(m, b).target_modules) + [surm.recommend(m, b).structure] "
+            "for b in (7372, 73728)}))")
+    child = subprocess.run([sys.executable, "-c", code], env=environment(), capture_output=True, text=True,
+                           timeout=300, check=True)
+    assert json.loads(child.stdout.strip().splitlines()[-1]) == {
+        str(b): sorted(c["target_modules"]) + [c["structure"]] for b, c in here.items()}
+
+
+def test_richest_recipe_first():
+    assert RECIPES[-1].min_roles == 1  # the cheapest one always applies when any role fits
+
+
+@pytest.mark.parametrize("budget", [0, -5, 2.5, "7372", True, None])
+def test_a_budget_must_be_a_positive_integer(minilm, budget):
+    with pytest.raises(ValueError, match="budget_params must be a positive integer"):
+        surm.recommend(minilm, budget)
+
+
+def test_a_budget_below_the_cheapest_recommendation(minilm):
+    with pytest.raises(ValueError) as error:
+        surm.recommend(minilm, 2_303)
+    assert str(error.value) == ("budget_params=2,303 is below the cheapest recommendation (circulant on "
+                                "attention.self.query: 2,304 parameters); give at least 2,304")
+
+
+def test_a_model_without_numbered_blocks():
+    with pytest.raises(ValueError, match="Linear has no linear layers inside numbered blocks"):
+        surm.recommend(nn.Linear(8, 8), 1_000)
+
+
+def test_counting_allocates_nothing():
+    """Counting builds updates on the meta device: a huge layer costs no memory."""
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(50_000, 50_000, device="meta")})])
+    config = surm.recommend(model, 10 ** 6)
+    assert config.target_modules == {"proj"} and torch.device("meta") == next(model.parameters()).device
