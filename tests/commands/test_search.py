@@ -45,6 +45,7 @@ from surm.commands.search import (  # noqa: E402
     Candidate,
     ParameterCounter,
     SearchSettings,
+    initial_design,
     make_sampler,
     open_storage,
     pareto_front,
@@ -154,6 +155,25 @@ def test_parameter_counts_are_exact():
         real = sum(p.numel() for n, p in wrapped.named_parameters() if p.requires_grad and n not in head)
         assert counter.count(candidate) == real, candidate
         assert by_hand is None or real == by_hand, candidate
+
+
+def test_the_recommendation_is_the_first_trial_of_the_initial_design():
+    """``surm.recommend``'s configuration for the budget starts the search when the space holds it."""
+    settings = SearchSettings(output=Path("unused"), budget=7372, run=RunSettings(max_length=16))
+    counter = ParameterCounter(settings)
+    recommended = counter.recommended(settings)
+    assert recommended == Candidate("circulant", "delta", "query,value,attention.output.dense",
+                                    (("parameterization", "plain"),))
+    assert counter.count(recommended) == 6912
+    _, _, fitting, _ = counter.smallest(settings)
+    design = initial_design(settings, fitting, recommended)
+    assert design[0] == {"family": "circulant", "mode": "delta", "targets.delta": "query,value,attention.output.dense",
+                         "circulant.parameterization": "plain", "lr_scale": 1.0, "alpha": 1.0}
+    assert [d["family"] for d in design].count("circulant") == 1
+    for other in (replace(settings, families=("monarch", "lowrank")),
+                  replace(settings, modes=("adapter",)),
+                  replace(settings, delta_targets=("query,value", "value"))):
+        assert counter.recommended(other) is None  # the space lacks it: the design draws as before
 
 
 def test_sampler_is_seeded_per_trial_number():

@@ -12,10 +12,10 @@ import torch
 
 from ...data import load_dataset
 from ...insertion import DeltaUpdate, OutputAdapter
-from ...methods import MethodChoice, build_peft_config
+from ...methods import MethodChoice, build_peft_config, recommended_method
 from ...models import load_model
 from ...peft import SurmLayer
-from ...structures import structure
+from ...structures import STRUCTURES, search_space, structure
 from .settings import SearchSettings
 from .space import Candidate, all_shapes
 
@@ -36,7 +36,7 @@ class ParameterCounter:
         self.model = loaded.model.to(torch.device("meta"))
         self.task_type, self.head = loaded.task_type, loaded.head
         self.default_targets = loaded.default_targets
-        self._layers: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        self._layers: dict[tuple[str, str], list[tuple[str, tuple[int, int]]]] = {}
 
     def layers(self, mode: str, targets: str) -> list[tuple[int, int]]:
         """(in_features, out_features) of every layer that ``targets`` adapts in ``mode``.
@@ -44,6 +44,13 @@ class ParameterCounter:
         Raises:
             ValueError: if the targets match no layer of the model.
         """
+        return [shape for _, shape in self._adapted(mode, targets)]
+
+    def adapted_modules(self, mode: str, targets: str) -> frozenset[str]:
+        """The names of the modules that ``targets`` adapts in ``mode``."""
+        return frozenset(name for name, _ in self._adapted(mode, targets))
+
+    def _adapted(self, mode: str, targets: str) -> list[tuple[str, tuple[int, int]]]:
         key = (mode, targets)
         if key not in self._layers:
             probe = MethodChoice("lowrank", targets=targets.split(","), mode=mode, options={"rank": 1})
@@ -51,8 +58,31 @@ class ParameterCounter:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 wrapped = peft.get_peft_model(copy.deepcopy(self.model), config)
-            self._layers[key] = [(m.in_features, m.out_features) for m in wrapped.modules() if isinstance(m, SurmLayer)]
+            self._layers[key] = [(name.removeprefix("base_model.model."), (m.in_features, m.out_features))
+                                 for name, m in wrapped.named_modules() if isinstance(m, SurmLayer)]
         return self._layers[key]
+
+    def recommended(self, settings: SearchSettings) -> Optional[Candidate]:
+        """``surm.recommend``'s configuration for the budget as a candidate of the space, or None if the space lacks
+        it (delta mode or its family not searched, no target set adapting exactly its layers, an option value not
+        searched, or over the budget)."""
+        if "delta" not in settings.modes:
+            return None
+        try:
+            choice = recommended_method(self.model, settings.budget)
+        except ValueError:
+            return None
+        if choice.name not in settings.families:
+            return None
+        wanted = self.adapted_modules("delta", ",".join(choice.targets or []))
+        targets = next((t for t in settings.target_sets("delta") if self.adapted_modules("delta", t) == wanted), None)
+        defaults = {option.name: option.default for option in STRUCTURES[choice.name].options}
+        space = search_space(choice.name)
+        options = tuple(sorted((name, choice.options.get(name, defaults[name])) for name in space))
+        if targets is None or any(value not in space[name] for name, value in options):
+            return None
+        candidate = Candidate(choice.name, "delta", targets, options)
+        return candidate if self.count(candidate) <= settings.budget else None
 
     def count(self, candidate: Candidate) -> int:
         """The adapter parameters of ``candidate``.

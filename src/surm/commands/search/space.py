@@ -107,17 +107,23 @@ def all_shapes(settings: SearchSettings) -> Iterator[Candidate]:
                         yield Candidate(family, mode, targets, options, bottleneck)
 
 
-def initial_design(settings: SearchSettings, fitting: list[Candidate]) -> list[dict[str, Any]]:
+def initial_design(settings: SearchSettings, fitting: list[Candidate],
+                   recommended: Optional[Candidate] = None) -> list[dict[str, Any]]:
     """The parameters of the study's first trials: one configuration within the budget per family (drawn with the
     seed among that family's fitting ones, in delta and adapter mode by turns, at the family's default learning
-    rate and alpha 1), at most half of ``--trials``.
+    rate and alpha 1), at most half of ``--trials``. The ``recommended`` candidate (``surm.recommend``'s, when
+    the space holds it) is trial 0 and its family's configuration.
 
     Without it, TPE's random start-up is spent mostly on configurations over the budget (a small budget rejects
     most of the space), and whole families are never trained.
     """
     rng = np.random.default_rng([settings.run.seed, 1])
     design = []
-    for index, family in enumerate(settings.families):
+    families = list(settings.families)
+    if recommended is not None:
+        families.remove(recommended.family)
+        families.insert(0, recommended.family)
+    for index, family in enumerate(families):
         mine = [c for c in fitting if c.family == family]
         if not mine:
             continue
@@ -125,6 +131,8 @@ def initial_design(settings: SearchSettings, fitting: list[Candidate]) -> list[d
         preferred = [c for c in mine if c.mode == settings.modes[index % len(settings.modes)]]
         mine = preferred or mine
         c = mine[int(rng.integers(len(mine)))]
+        if recommended is not None and family == recommended.family:
+            c = recommended
         params: dict[str, Any] = {"family": c.family, "mode": c.mode, f"targets.{c.mode}": c.targets}
         if c.mode == "adapter":
             params["bottleneck"] = c.bottleneck

@@ -56,7 +56,7 @@ class Search:
         self.counter = ParameterCounter(settings)
         smallest, cheapest, fitting, self.valid = self.counter.smallest(settings)
         self.fitting = len(fitting)
-        self.design = initial_design(settings, fitting)
+        self.design = initial_design(settings, fitting, self.counter.recommended(settings))
         if smallest > settings.budget:
             raise ValueError(
                 f"--budget-params {settings.budget:,} is below the smallest configuration of the search space "
