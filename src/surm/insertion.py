@@ -19,6 +19,9 @@ from .validation import is_int
 _ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "identity": lambda h: h}
 #: Activations allowed in adapter mode: each has act(0) = 0 and act'(0) != 0 (ReLU would leave a zero S dead).
 ACTIVATIONS: tuple[str, ...] = tuple(_ACTIVATIONS)
+#: Decisions a :class:`DeltaUpdate` remembers (one per distinct call signature); past this it forgets them all, so an
+#: input whose token count changes every call (no KV cache, growing prompts) cannot grow the cache without bound.
+PATH_CACHE_SIZE = 256
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -55,6 +58,7 @@ class DeltaUpdate(nn.Module):
         self.alpha = alpha
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.execution = check_execution(execution)
+        self._paths: dict[tuple[str, int, bool, bool, str], str] = {}
 
     @property
     def has_dropout(self) -> bool:
@@ -65,17 +69,39 @@ class DeltaUpdate(nn.Module):
         """``"structured"`` or ``"dense"``: how this update applies to ``x`` (..., in_features) now.
 
         ``folded`` says whether the dense path would share the base layer's product (inside a SurmLayer).
+
+        The answer is :func:`~surm.execution.choose_path` of the call's signature (``execution``, token count,
+        ``folded``, whether a backward pass follows, device type); all else it reads (the matrix's shape and
+        options, fixed at construction, and the constant :data:`~surm.execution.RATES`) never changes, so each
+        signature's answer is remembered (up to :data:`PATH_CACHE_SIZE`). Evaluating the cost model costs about as
+        much as a small layer's product, and a generating LLM calls every layer with the same signature for each
+        new token. Changing ``execution``, the grad mode, ``requires_grad`` or the device changes the signature, so
+        no answer goes stale. Under ``torch.compile`` the choice is traced (and guarded) as plain code instead.
         """
         tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-        trainable = x.requires_grad or any(p.requires_grad for p in self.matrix.parameters())
-        backward = torch.is_grad_enabled() and trainable
-        return choose_path(
-            self.execution, self.matrix, tokens, folded=folded, backward=backward, device_type=x.device.type
+        backward = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.matrix.parameters())
         )
+        key = (self.execution, tokens, folded, backward, x.device.type)
+        if torch.compiler.is_compiling():
+            return self._choose(*key)
+        path = self._paths.get(key)
+        if path is None:
+            if len(self._paths) >= PATH_CACHE_SIZE:
+                self._paths.clear()
+            path = self._paths[key] = self._choose(*key)
+        return path
+
+    def _choose(self, execution: str, tokens: int, folded: bool, backward: bool, device_type: str) -> str:
+        return choose_path(execution, self.matrix, tokens, folded=folded, backward=backward, device_type=device_type)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(..., in_features) -> (..., out_features), in the dtype of x."""
-        x = self.dropout(x)
+        """(..., in_features) -> (..., out_features), in the dtype of x.
+
+        Identity dropout (p = 0, or eval mode) is skipped rather than called: it returns x itself either way.
+        """
+        if self.has_dropout:
+            x = self.dropout(x)
         if self.path(x) == "dense":
             dtype = compute_dtype(x, *self.matrix.parameters())
             return F.linear(x.to(dtype), self.delta_weight().to(dtype)).to(x.dtype)
@@ -150,9 +176,9 @@ class OutputAdapter(nn.Module):
             self.up = structure(name, features, bottleneck, init=init, **options)
 
     def forward(self, h: Tensor) -> Tensor:
-        """(..., d) -> (..., d): the increment added to h, in the dtype of h."""
+        """(..., d) -> (..., d): the increment added to h, in the dtype of h (identity dropout is skipped)."""
         act = _ACTIVATIONS[self.activation]
-        x = self.dropout(h)
+        x = self.dropout(h) if isinstance(self.dropout, nn.Dropout) and self.dropout.training else h
         if self.map is not None:
             return (act(_upcast(self.map(x))) + self.bias).to(h.dtype)
         return self.up(act(_upcast(self.down(x))).to(h.dtype))

@@ -7,8 +7,10 @@ then always added outside the base product.
 
 from __future__ import annotations
 
+import functools
+import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -141,6 +143,12 @@ def unpack_cpu_packed(module: nn.Module) -> bool:
         return False
     backend.set_base_weight(_LayerView(module), read_linear_weight(module, module.in_features))
     return True
+
+
+def _total(tensors: Iterable[Tensor]) -> Tensor:
+    """The sum of one or more tensors, left to right. ``sum()`` starts from the integer 0, which costs one more
+    addition on every layer call; it gives the same values (up to the sign of a zero)."""
+    return functools.reduce(operator.add, tensors)
 
 
 def _unpack_before_saving(layer: SurmLayer, prefix: str, keep_vars: bool) -> None:
@@ -446,14 +454,15 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         names = [n for n in active if n in self.surm_delta and n not in self.merged_adapters]
         rows = self._delta_input(x) if names else x
         # The dense path folds s · dense(M) into the base product (see surm.execution); the rest add their update.
+        # The path (a cached lookup) is asked first: when it is structured, as in generation, can_fold is not needed.
         folded = [
             n
             for n in names
-            if self.can_fold(self.surm_delta[n], x, args, kwargs)
-            and self.surm_delta[n].path(rows, folded=True) == "dense"
+            if self.surm_delta[n].path(rows, folded=True) == "dense"
+            and self.can_fold(self.surm_delta[n], x, args, kwargs)
         ]
         if folded:
-            weight = self.get_base_layer().weight + sum(self.get_delta_weight(n) for n in folded)
+            weight = self.get_base_layer().weight + _total(self.get_delta_weight(n) for n in folded)
             result = self._base_forward_with_weight(x, weight)
         else:
             result = self.base_layer(x, *args, **kwargs)
@@ -462,11 +471,11 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         if self.quantization_backend is not None and (separate or adapters):
             result = self.quantization_backend.maybe_clone_base_result(result)  # PEFT copies bnb 4-bit outputs
         if separate:
-            update = sum(delta(rows) for delta in separate)
+            update = _total(delta(rows) for delta in separate)
             result = result + self._channels_back(update).to(result.dtype)
         if adapters:
             h = self._channels_last(result)
-            result = result + self._channels_back(sum(adapter(h) for adapter in adapters)).to(result.dtype)
+            result = result + self._channels_back(_total(adapter(h) for adapter in adapters)).to(result.dtype)
         return result
 
     def mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str], *args: Any, **kwargs: Any) -> Tensor:

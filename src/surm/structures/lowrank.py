@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .base import (Cost, Init, StructuredMatrix, check_combination, compute_dtype, declared_options, kaiming_uniform_,
                    thin_flops)
@@ -52,8 +53,9 @@ class LowRank(StructuredMatrix):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         dtype = compute_dtype(x, self.down)
-        h = x.to(dtype) @ self.down.to(dtype).T
-        return (h @ self.up.to(dtype).T).to(x.dtype)
+        # F.linear(x, W) is x @ W.T (the same matmul kernel, same values) without a separate transpose op per factor.
+        h = F.linear(x.to(dtype), self.down.to(dtype))
+        return F.linear(h, self.up.to(dtype)).to(x.dtype)
 
     def dense(self) -> Tensor:
         return self.up @ self.down
