@@ -53,8 +53,7 @@ class CircularConvolution(torch.autograd.Function):
         if kernel.numel() == 0 or x.numel() == 0:
             shape = torch.broadcast_shapes(kernel.shape[:-1], x.shape[:-1])
             return x.new_zeros((*shape, length), dtype=torch.result_type(kernel, x))
-        spectrum = torch.fft.rfft(kernel, n=length)
-        return torch.fft.irfft(spectrum * torch.fft.rfft(x, n=length), n=length)
+        return convolve_spectrum(torch.fft.rfft(kernel, n=length), x, length)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
@@ -101,6 +100,19 @@ def circular_convolution(kernel: Tensor, x: Tensor, length: int) -> Tensor:
     if torch.is_grad_enabled() and (kernel.requires_grad or x.requires_grad):
         return CircularConvolution.apply(kernel, x, length)
     return CircularConvolution.forward(kernel, x, length)
+
+
+def convolve_spectrum(spectrum: Tensor, x: Tensor, length: int) -> Tensor:
+    """``irfft(spectrum * rfft(x, L), L)``: :func:`circular_convolution` given the spectrum ``rfft(kernel, L)``.
+
+    The same operations as the convolution's forward after its first FFT, so the values are identical; no autograd
+    Function is involved (used when no gradient is recorded, with a spectrum kept across calls). An empty ``x``
+    gives zeros of the broadcast shape (..., L).
+    """
+    if x.numel() == 0:
+        shape = torch.broadcast_shapes(spectrum.shape[:-1], x.shape[:-1])
+        return x.new_zeros((*shape, length))
+    return torch.fft.irfft(spectrum * torch.fft.rfft(x, n=length), n=length)
 
 
 def circular_convolution_work(tokens: int, length: int, backward: bool) -> tuple[float, float]:
@@ -157,6 +169,17 @@ def apply_toeplitz(diagonals: Tensor, x: Tensor, rows: int, cols: int) -> Tensor
     length = toeplitz_length(rows, cols)
     column = toeplitz_to_circulant_column(diagonals, rows, cols, length)
     return circular_convolution(column, x, length)[..., :rows]
+
+
+def toeplitz_spectrum(diagonals: Tensor, rows: int, cols: int) -> Tensor:
+    """rfft of the circulant embedding of T (see :func:`apply_toeplitz`), for :func:`apply_toeplitz_spectrum`."""
+    length = toeplitz_length(rows, cols)
+    return torch.fft.rfft(toeplitz_to_circulant_column(diagonals, rows, cols, length), n=length)
+
+
+def apply_toeplitz_spectrum(spectrum: Tensor, x: Tensor, rows: int, cols: int) -> Tensor:
+    """:func:`apply_toeplitz` given :func:`toeplitz_spectrum` (same values; no gradient is recorded)."""
+    return convolve_spectrum(spectrum, x, toeplitz_length(rows, cols))[..., :rows]
 
 
 def symmetric_to_toeplitz_diagonals(values: Tensor, rows: int, cols: int) -> Tensor:

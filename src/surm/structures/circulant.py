@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._fft import circulant_dense, circular_convolution, circular_convolution_work
+from ._fft import circulant_dense, circular_convolution, circular_convolution_work, convolve_spectrum
+from ._reuse import ParameterCache, reusable
 from .base import Cost, Init, StructuredMatrix, check_combination, compute_dtype, same_options
 from .options import PARAMETERIZATION, Parameterization
 
@@ -53,6 +54,7 @@ class Circulant(StructuredMatrix):
         self.size = max(out_features, in_features)
         self.column = nn.Parameter(torch.empty(self.size))
         self.factor = nn.Parameter(torch.empty(self.size)) if parameterization == "product" else None
+        self._spectra: ParameterCache[Tensor] = ParameterCache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -70,11 +72,18 @@ class Circulant(StructuredMatrix):
         return self.column if self.factor is None else self.column * self.factor
 
     def forward(self, x: Tensor) -> Tensor:
+        """y = irfft(rfft(c) * rfft(pad_N(x)))[:m]; rfft(c) is reused across calls that record no gradient."""
         self._check_input(x)
         dtype = compute_dtype(x, self.column)
-        c = self.first_column().to(dtype)
-        y = circular_convolution(c, x.to(dtype), self.size)[..., : self.out_features]
-        return y.to(x.dtype)
+        params = (self.column,) if self.factor is None else (self.column, self.factor)
+        if reusable(x, params):
+            spectrum = self._spectra.get(
+                params, dtype, lambda: torch.fft.rfft(self.first_column().to(dtype), n=self.size)
+            )
+            y = convolve_spectrum(spectrum, x.to(dtype), self.size)
+        else:
+            y = circular_convolution(self.first_column().to(dtype), x.to(dtype), self.size)
+        return y[..., : self.out_features].to(x.dtype)
 
     def dense(self) -> Tensor:
         return circulant_dense(self.first_column(), self.out_features, self.in_features)

@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._fft import circular_convolution, circular_convolution_work, fast_fft_length, toeplitz_dense
+from ._fft import (
+    circular_convolution,
+    circular_convolution_work,
+    convolve_spectrum,
+    fast_fft_length,
+    toeplitz_dense,
+)
+from ._reuse import ParameterCache, reusable
 from .base import Cost, Init, StructuredMatrix, check_combination, compute_dtype, declared_options
 from .options import Option, require_size_option
 
@@ -67,6 +74,7 @@ class LowDisplacementRank(StructuredMatrix):
         self.size = max(out_features, in_features)
         self.circulant_columns = nn.Parameter(torch.empty(displacement_rank, self.size))
         self.skew_columns = nn.Parameter(torch.empty(displacement_rank, self.size))
+        self._spectra: ParameterCache[tuple[Tensor, Tensor]] = ParameterCache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -83,12 +91,27 @@ class LowDisplacementRank(StructuredMatrix):
         return fast_fft_length(2 * self.size)
 
     def forward(self, x: Tensor) -> Tensor:
+        """y = sum_i circ_N(c_i) fold(s_i * x), the fold z[:N] - z[N:2N] of the linear convolution s_i * x.
+
+        The kernels' spectra (rfft(s_i, L), rfft(c_i, N)) are reused across calls that record no gradient.
+        """
         self._check_input(x)
         size, length = self.size, self._skew_length()
         dtype = compute_dtype(x, self.circulant_columns)
-        linear = circular_convolution(self.skew_columns.to(dtype), x.to(dtype).unsqueeze(-2), length)  # (..., r, L)
-        skewed = linear[..., :size] - linear[..., size : 2 * size]  # Z_{-1}(s_i) x, (..., r, N)
-        y = circular_convolution(self.circulant_columns.to(dtype), skewed, size).sum(dim=-2)
+        h = x.to(dtype).unsqueeze(-2)
+        params = (self.skew_columns, self.circulant_columns)
+        if reusable(x, params):
+            skew_hat, circulant_hat = self._spectra.get(params, dtype, lambda: (
+                torch.fft.rfft(self.skew_columns.to(dtype), n=length),
+                torch.fft.rfft(self.circulant_columns.to(dtype), n=size),
+            ))
+            linear = convolve_spectrum(skew_hat, h, length)  # (..., r, L)
+            skewed = linear[..., :size] - linear[..., size : 2 * size]  # Z_{-1}(s_i) x, (..., r, N)
+            y = convolve_spectrum(circulant_hat, skewed, size).sum(dim=-2)
+        else:
+            linear = circular_convolution(self.skew_columns.to(dtype), h, length)
+            skewed = linear[..., :size] - linear[..., size : 2 * size]
+            y = circular_convolution(self.circulant_columns.to(dtype), skewed, size).sum(dim=-2)
         return y[..., : self.out_features].to(x.dtype)
 
     def square_dense(self) -> Tensor:

@@ -9,7 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._fft import apply_toeplitz, circular_convolution_work, toeplitz_dense, toeplitz_length
+from ._fft import (
+    apply_toeplitz,
+    apply_toeplitz_spectrum,
+    circular_convolution_work,
+    toeplitz_dense,
+    toeplitz_length,
+    toeplitz_spectrum,
+)
+from ._reuse import ParameterCache, reusable
 from .base import Cost, Init, StructuredMatrix, check_combination, compute_dtype, same_options
 from .options import PARAMETERIZATION, Parameterization
 
@@ -61,6 +69,7 @@ class Toeplitz(StructuredMatrix):
         else:
             self.outer_values = nn.Parameter(torch.empty(self._values_length(out_features, self.inner)))
             self.inner_values = nn.Parameter(torch.empty(self._values_length(self.inner, in_features)))
+        self._spectra: ParameterCache[list[Tensor]] = ParameterCache()
         self.reset_parameters()
 
     @staticmethod
@@ -88,17 +97,35 @@ class Toeplitz(StructuredMatrix):
                 self.inner_values.normal_(0.0, SURM_PRODUCT_STD)
                 self.outer_values.zero_()
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+    def _factors(self) -> list[tuple[Tensor, int, int]]:
+        """(values, rows, cols) of the factors in the order they apply to x: T(a) (k, n) first, then T(b) (m, k)."""
         m, n, k = self.out_features, self.in_features, self.inner
-        dtype = compute_dtype(x, self.outer_values)
-        h = x.to(dtype)
         if self.inner_values is None:
-            y = apply_toeplitz(self._diagonals(self.outer_values.to(dtype), m, n), h, m, n)
+            return [(self.outer_values, m, n)]
+        return [(self.inner_values, k, n), (self.outer_values, m, k)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """y = T(b) T(a) x (or T(t) x), each factor by its circulant embedding's FFT.
+
+        The embeddings' spectra are reused across calls that record no gradient (they depend on the parameters
+        only); otherwise the diagonals are rebuilt and transformed on each call, with their gradients.
+        """
+        self._check_input(x)
+        dtype = compute_dtype(x, self.outer_values)
+        factors = self._factors()
+        h = x.to(dtype)
+        params = [values for values, _, _ in factors]
+        if reusable(x, params):
+            spectra = self._spectra.get(params, dtype, lambda: [
+                toeplitz_spectrum(self._diagonals(values.to(dtype), rows, cols), rows, cols)
+                for values, rows, cols in factors
+            ])
+            for spectrum, (_, rows, cols) in zip(spectra, factors):
+                h = apply_toeplitz_spectrum(spectrum, h, rows, cols)
         else:
-            h = apply_toeplitz(self._diagonals(self.inner_values.to(dtype), k, n), h, k, n)
-            y = apply_toeplitz(self._diagonals(self.outer_values.to(dtype), m, k), h, m, k)
-        return y.to(x.dtype)
+            for values, rows, cols in factors:
+                h = apply_toeplitz(self._diagonals(values.to(dtype), rows, cols), h, rows, cols)
+        return h.to(x.dtype)
 
     def dense(self) -> Tensor:
         m, n, k = self.out_features, self.in_features, self.inner
@@ -115,8 +142,7 @@ class Toeplitz(StructuredMatrix):
         return self._values_length(m, k) + self._values_length(k, n)
 
     def _factor_shapes(self) -> list[tuple[int, int]]:
-        m, n, k = self.out_features, self.in_features, self.inner
-        return [(m, n)] if self.inner_values is None else [(k, n), (m, k)]
+        return [(rows, cols) for _, rows, cols in self._factors()]
 
     def structured_cost(self, tokens: int, backward: bool) -> Cost:
         total = Cost()

@@ -1,0 +1,68 @@
+"""Reusing what a fast apply derives from its parameters alone (FFT spectra) across calls that record no gradient.
+
+A generating model calls every adapted layer once per new token with the same parameters; the FFT families would
+otherwise rebuild their kernels' spectra (and the Toeplitz circulant embedding) on each call, which costs as much as
+applying them to one token. :class:`ParameterCache` keeps one such value, computed from a few parameters, and hands
+it back while the parameters are provably unchanged. Only parameter-sized values are kept (spectra of length
+L/2 + 1 per kernel), never a dense matrix, so the memory stays O(parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+import torch
+from torch import Tensor
+
+Value = TypeVar("Value")
+
+
+def reusable(x: Tensor, params: Sequence[Tensor]) -> bool:
+    """True if a value derived from ``params`` may be reused for this call: no gradient is recorded through it.
+
+    That is: grad mode is off, or neither ``x`` nor any parameter requires a gradient (a reused value then never
+    enters a graph, so it needs no history); and the call is not being traced by ``torch.compile``, whose graph
+    computes the value itself (a Python-side cache would be a guard-less constant there).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
+
+
+class ParameterCache(Generic[Value]):
+    """One value computed from some parameters, returned again while they are unchanged.
+
+    The key of a value is, per parameter, its storage address (``data_ptr``), in-place version counter
+    (``_version``), dtype, device and shape, plus a caller-given ``extra`` (e.g. the compute dtype). Every way a
+    parameter's numbers change moves one of them: an optimizer step, ``load_state_dict``, ``copy_``,
+    ``torch.no_grad()`` edits and merging bump the version; ``.to()``, ``.half()`` and ``param.data = ...`` swap
+    the storage (dtype or device too). Edits through ``param.data`` bypass the version counter, as they bypass
+    autograd's checks; such code must not rely on a cached value. The cache holds aliases of the parameters it read
+    (views, no copy), so a swapped-out storage cannot be freed and its address reused by a new one with an equal
+    version while the cached value lives.
+
+    Parameters that are inference tensors (created under ``torch.inference_mode``) have no version counter, so
+    nothing is cached for them.
+    """
+
+    __slots__ = ("_key", "_value", "_held")
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: Value | None = None
+        self._held: tuple[Tensor, ...] = ()
+
+    def get(self, params: Sequence[Tensor], extra: object, build: Callable[[], Value]) -> Value:
+        """The cached value for ``params`` and ``extra``, or ``build()`` (remembered) if it is missing or stale.
+
+        ``build`` must compute from ``params`` only (and ``extra``), without recording gradients.
+        """
+        if any(p.is_inference() for p in params):
+            return build()
+        key = (extra, *((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params))
+        if key != self._key or self._value is None:
+            with torch.no_grad():
+                value = build()
+            self._key, self._value, self._held = key, value, tuple(p.detach() for p in params)
+        return self._value
