@@ -22,8 +22,9 @@ SHAPES = [(12, 12), (7, 11), (13, 6)]
 
 
 def make(name: str, options: dict, m: int, n: int) -> surm.StructuredMatrix:
+    """A random matrix in eval mode (the mode in which spectra are reused)."""
     torch.manual_seed(0)
-    return surm.structure(name, m, n, init="random", **options).double()
+    return surm.structure(name, m, n, init="random", **options).double().eval()
 
 
 def uncached(matrix: surm.StructuredMatrix, x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +151,28 @@ def test_inference_tensor_parameters_are_not_cached():
         got = matrix(x)
     assert cached_key(matrix) is None
     assert torch.equal(got, uncached(make("circulant", {}, 8, 8), x))
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=lambda v: str(v))
+def test_nothing_is_cached_in_training_mode_and_a_mode_switch_forgets(name, options):
+    """Training mode never reuses; train()/eval() forgets, so even an edit through .data made while training (which
+    no version counter sees) is seen by the next eval call."""
+    matrix = make(name, options, 7, 11)
+    x = torch.randn(3, 11, dtype=torch.float64)
+    with torch.no_grad():
+        matrix(x)
+    assert cached_key(matrix) is not None
+    matrix.train()
+    assert cached_key(matrix) is None
+    with torch.no_grad():
+        matrix(x)
+    assert cached_key(matrix) is None
+    for p in matrix.parameters():
+        p.data.mul_(-3.0)  # bypasses the version counter
+    matrix.eval()
+    with torch.no_grad():
+        got = matrix(x)
+    assert torch.equal(got, uncached(matrix, x))
 
 
 def test_parameter_cache_rebuilds_only_on_change():

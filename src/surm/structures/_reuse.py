@@ -18,14 +18,17 @@ from torch import Tensor
 Value = TypeVar("Value")
 
 
-def reusable(x: Tensor, params: Sequence[Tensor]) -> bool:
-    """True if a value derived from ``params`` may be reused for this call: no gradient is recorded through it.
+def reusable(x: Tensor, params: Sequence[Tensor], training: bool) -> bool:
+    """True if a value derived from ``params`` may be reused for this call: an eval-mode call through which no
+    gradient is recorded.
 
-    That is: grad mode is off, or neither ``x`` nor any parameter requires a gradient (a reused value then never
-    enters a graph, so it needs no history); and the call is not being traced by ``torch.compile``, whose graph
-    computes the value itself (a Python-side cache would be a guard-less constant there).
+    That is: the module is in eval mode (``training`` False: generation and evaluation; a training phase changes
+    the parameters, and switching modes forgets cached values, see :meth:`ParameterCache.clear`); grad mode is off,
+    or neither ``x`` nor any parameter requires a gradient (a reused value then never enters a graph, so it needs
+    no history); and the call is not being traced by ``torch.compile``, whose graph computes the value itself (a
+    Python-side cache would be a guard-less constant there).
     """
-    if torch.compiler.is_compiling():
+    if training or torch.compiler.is_compiling():
         return False
     return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
 
@@ -38,7 +41,9 @@ class ParameterCache(Generic[Value]):
     parameter's numbers change moves one of them: an optimizer step, ``load_state_dict``, ``copy_``,
     ``torch.no_grad()`` edits and merging bump the version; ``.to()``, ``.half()`` and ``param.data = ...`` swap
     the storage (dtype or device too). Edits through ``param.data`` bypass the version counter, as they bypass
-    autograd's checks; such code must not rely on a cached value. The cache holds aliases of the parameters it read
+    autograd's checks: values are therefore reused in eval mode only and forgotten whenever the module switches
+    mode (``train()`` / ``eval()``, :meth:`clear`), so a training phase that edits ``.data`` (an old-style
+    optimizer) is seen; only a ``.data`` edit made in eval mode between two eval calls is not. The cache holds aliases of the parameters it read
     (views, no copy), so a swapped-out storage cannot be freed and its address reused by a new one with an equal
     version while the cached value lives.
 
@@ -52,6 +57,10 @@ class ParameterCache(Generic[Value]):
         self._key: tuple | None = None
         self._value: Value | None = None
         self._held: tuple[Tensor, ...] = ()
+
+    def clear(self) -> None:
+        """Forget the cached value (and the parameter aliases it holds)."""
+        self._key, self._value, self._held = None, None, ()
 
     def get(self, params: Sequence[Tensor], extra: object, build: Callable[[], Value]) -> Value:
         """The cached value for ``params`` and ``extra``, or ``build()`` (remembered) if it is missing or stale.

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..validation import require_positive_int
+from ._reuse import ParameterCache
 from .options import Option
 
 Init = Literal["zero", "random"]
@@ -145,6 +146,14 @@ class StructuredMatrix(nn.Module, ABC):
     def load_combination(self, matrices: Sequence[StructuredMatrix], scales: Sequence[float]) -> None:
         """Set this matrix (built with :meth:`combined_options` of theirs) to sum_i scales[i] * matrices[i], exactly."""
         raise ValueError(f"{type(self).__name__} matrices cannot be summed exactly within their family")
+
+    def train(self, mode: bool = True) -> StructuredMatrix:
+        """Set the mode, forgetting the values cached from the parameters (``ParameterCache``): a training phase may
+        change them in ways the version counters miss (edits through ``.data``)."""
+        for value in vars(self).values():
+            if isinstance(value, ParameterCache):
+                value.clear()
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, in_features={self.in_features}, init={self.init!r}"

@@ -76,7 +76,7 @@ class Circulant(StructuredMatrix):
         self._check_input(x)
         dtype = compute_dtype(x, self.column)
         params = (self.column,) if self.factor is None else (self.column, self.factor)
-        if reusable(x, params):
+        if reusable(x, params, self.training):
             spectrum = self._spectra.get(
                 params, dtype, lambda: torch.fft.rfft(self.first_column().to(dtype), n=self.size)
             )

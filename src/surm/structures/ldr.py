@@ -100,7 +100,7 @@ class LowDisplacementRank(StructuredMatrix):
         dtype = compute_dtype(x, self.circulant_columns)
         h = x.to(dtype).unsqueeze(-2)
         params = (self.skew_columns, self.circulant_columns)
-        if reusable(x, params):
+        if reusable(x, params, self.training):
             skew_hat, circulant_hat = self._spectra.get(params, dtype, lambda: (
                 torch.fft.rfft(self.skew_columns.to(dtype), n=length),
                 torch.fft.rfft(self.circulant_columns.to(dtype), n=size),

@@ -115,7 +115,7 @@ class Toeplitz(StructuredMatrix):
         factors = self._factors()
         h = x.to(dtype)
         params = [values for values, _, _ in factors]
-        if reusable(x, params):
+        if reusable(x, params, self.training):
             spectra = self._spectra.get(params, dtype, lambda: [
                 toeplitz_spectrum(self._diagonals(values.to(dtype), rows, cols), rows, cols)
                 for values, rows, cols in factors
