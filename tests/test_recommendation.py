@@ -17,7 +17,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 import surm
 from surm.models import minilm_path
-from surm.recommendation import RECIPES, model_roles, recommended_targets
+from surm.recommendation import RECIPES, model_roles, recommended_recipe
 
 from .runs import environment
 
@@ -91,16 +91,18 @@ def test_the_built_adapter_stays_within_the_budget(minilm, budget):
     assert adapter_parameters(model, config) <= budget
 
 
-@pytest.mark.parametrize("budget, structure, targets", [
-    (7_372, "circulant", ["attention.self.query", "attention.self.value", "attention.output.dense"]),
-    (4_608, "circulant", ["attention.self.query", "attention.self.value"]),
+@pytest.mark.parametrize("budget, structure, targets, lr", [
+    (7_372, "circulant", ["attention.self.query", "attention.self.value", "attention.output.dense"], 1e-3),
+    (4_608, "circulant", ["attention.self.query", "attention.self.value"], 1e-3),
     (73_728, "monarch", ["attention.self.query", "attention.self.value", "attention.output.dense",
-                         "attention.self.key"]),
+                         "attention.self.key"], 3e-3),
 ])
-def test_the_documented_recommendations(minilm, budget, structure, targets):
+def test_the_documented_recommendations(minilm, budget, structure, targets, lr):
+    """docs/recommend.md's table."""
     config = surm.recommend(minilm, budget)
-    assert config.structure == structure and config.mode == "delta"
-    assert recommended_targets(minilm, config) == targets
+    assert config.structure == structure and config.mode == "delta" and config.target_modules == set(targets)
+    recipe, ordered = recommended_recipe(minilm, budget)
+    assert (recipe.family, ordered, recipe.lr) == (structure, targets, lr)
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_gpt2])

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from peft import BOFTConfig, C3AConfig, LoKrConfig, LoraConfig, PeftConfig
 
 from .peft import SurmConfig
-from .recommendation import recommend, recommended_targets
+from .recommendation import recommended_recipe
 from .structures import STRUCTURES, option_declarations
 
 
@@ -133,13 +133,11 @@ class MethodChoice:
         return " ".join(parts)
 
 
-def recommended_method(model: Any, budget_params: int) -> MethodChoice:
-    """The method :func:`surm.recommend.recommend` builds for ``model`` and ``budget_params``, as a MethodChoice
-    (its targets in the recommendation's priority order)."""
-    config = recommend(model, budget_params)
-    options = {o.name: getattr(config, o.name) for o in STRUCTURES[config.structure].options
-               if getattr(config, o.name) is not None}
-    return MethodChoice(config.structure, targets=recommended_targets(model, config), options=options)
+def recommended_method(model: Any, budget_params: int) -> tuple[MethodChoice, float]:
+    """The method :func:`surm.recommend` builds for ``model`` and ``budget_params`` as a MethodChoice (its targets in
+    the recommendation's priority order), and the recipe's learning rate."""
+    recipe, targets = recommended_recipe(model, budget_params)
+    return MethodChoice(recipe.family, targets=targets, options=dict(recipe.options)), recipe.lr
 
 
 def default_targets(mode: str) -> list[str]:

@@ -11,7 +11,9 @@ The rule (measured in ``docs/results/accuracy_per_parameter.md``; ``surm search`
 2. **What.** The first recipe of :data:`RECIPES` (richest first) with which at least :attr:`Recipe.min_roles`
    roles fit in the budget; with it, roles are added in priority order while the total fits (a role that does not
    fit ends the list, so the chosen roles are always a prefix of the priority order).
-3. **How many.** Exactly counted: each layer's update (``DeltaUpdate`` of the family at the layer's shape) is
+3. **How fast.** The recipe's own learning rate (:attr:`Recipe.lr`), which ``surm finetune --budget-params`` uses
+   unless ``--lr`` is given.
+4. **How many.** Exactly counted: each layer's update (``DeltaUpdate`` of the family at the layer's shape) is
    built on the meta device and its trainable parameters summed, so the result's adapter has at most
    ``budget_params`` parameters.
 
@@ -49,17 +51,22 @@ ROLE_PRIORITY: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class Recipe:
-    """A family with its options, and the fewest roles it must cover to be chosen."""
+    """A family with its options, the fewest roles it must cover to be chosen, and its learning rate.
+
+    ``lr`` is the AdamW rate measured best for the recipe on its roles (``docs/results/accuracy_per_parameter.md``);
+    covering more roles than the family's default targets wants a lower rate than the family's ``default_lr``.
+    """
 
     family: str
     options: dict[str, Any] = field(default_factory=dict)
     min_roles: int = 2
+    lr: float = 1e-3
 
 
 #: Richest first: the first recipe that covers ``min_roles`` roles within the budget is used.
 RECIPES: tuple[Recipe, ...] = (
-    Recipe("monarch", {"nblocks": 4, "block_rank": 4}, min_roles=4),
-    Recipe("circulant", {}, min_roles=1),
+    Recipe("monarch", {"nblocks": 4, "block_rank": 4}, min_roles=4, lr=3e-3),
+    Recipe("circulant", {}, min_roles=1, lr=1e-3),
 )
 
 
@@ -117,13 +124,9 @@ def role_parameters(recipe: Recipe, role: Role) -> int:
     return sum(layer_parameters(recipe.family, options, out, in_) for out, in_ in role.shapes)
 
 
-def recommended_targets(model: nn.Module, config: SurmConfig) -> list[str]:
-    """``config.target_modules`` (a set, as PEFT stores it) in the priority order of ``model``'s roles."""
-    return [role.target for role in model_roles(model) if role.target in config.target_modules]
-
-
 def recommend(model: nn.Module, budget_params: int) -> SurmConfig:
-    """The recommended delta-mode config for ``model`` with at most ``budget_params`` adapter parameters.
+    """The recommended delta-mode config for ``model`` with at most ``budget_params`` adapter parameters (its
+    learning rate: :func:`recommended_recipe`'s ``lr``).
 
     Args:
         model: the model to adapt (a Transformers model or any module with numbered blocks of linear layers).
@@ -136,6 +139,17 @@ def recommend(model: nn.Module, budget_params: int) -> SurmConfig:
     Raises:
         ValueError: for a budget that is not a positive integer, a model without numbered blocks of linear layers,
             or a budget below the cheapest recommendation (naming what that would need).
+    """
+    recipe, targets = recommended_recipe(model, budget_params)
+    return SurmConfig(structure=recipe.family, target_modules=targets, **recipe.options)
+
+
+def recommended_recipe(model: nn.Module, budget_params: int) -> tuple[Recipe, list[str]]:
+    """The recipe :func:`recommend` uses for ``model`` and ``budget_params``, and the targets it covers (in
+    priority order).
+
+    Raises:
+        ValueError: as :func:`recommend`.
     """
     if not is_int(budget_params, minimum=1):
         raise ValueError(f"budget_params must be a positive integer, got {budget_params!r}")
@@ -152,7 +166,7 @@ def recommend(model: nn.Module, budget_params: int) -> SurmConfig:
             chosen.append(role.target)
             total += cost
         if len(chosen) >= min(recipe.min_roles, len(roles)):
-            return SurmConfig(structure=recipe.family, target_modules=chosen, **recipe.options)
+            return recipe, chosen
     cheapest = RECIPES[-1]
     need = role_parameters(cheapest, roles[0])
     raise ValueError(f"budget_params={budget_params:,} is below the cheapest recommendation ({cheapest.family} on "

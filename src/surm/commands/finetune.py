@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -52,7 +52,7 @@ class RunConfig:
     evaluated at the end (``evaluate_test=False``: a tuning run, whose test metrics are None and which never reads
     the test split, so that a choice made on validation cannot have looked at it). With ``budget_params``, the
     method is replaced, once the model is loaded, by :func:`surm.recommendation.recommend`'s for that budget (its
-    ``method`` must be left at the default).
+    ``method`` must be left at the default), and an unset learning rate by the recipe's.
 
     Raises:
         ValueError: for a checkpoint interval or evaluation batch size out of range (the settings check themselves).
@@ -269,8 +269,10 @@ class Run:
                               else [])
         torch.manual_seed(settings.seed)  # the classifier head and adapter inits depend on the seed only
         self.loaded: LoadedModel = load_model(settings.model, self.data, settings.max_length)
-        if config.budget_params is not None:
-            config.method = recommended_method(self.loaded.model, config.budget_params)
+        if config.budget_params is not None:  # the recommended method, at its recipe's rate unless --lr is given
+            config.method, rate = recommended_method(self.loaded.model, config.budget_params)
+            if settings.lr is None:
+                self.settings = settings = config.settings = replace(settings, lr=rate)
         self.peft_config = build_peft_config(config.method, self.loaded.task_type, self.loaded.head,
                                              self.loaded.default_targets)
         self.model = self._wrap(self.loaded.model).to(self.device)

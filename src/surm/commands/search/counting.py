@@ -69,7 +69,7 @@ class ParameterCounter:
         if "delta" not in settings.modes:
             return None
         try:
-            choice = recommended_method(self.model, settings.budget)
+            choice, _ = recommended_method(self.model, settings.budget)
         except ValueError:
             return None
         if choice.name not in settings.families:
