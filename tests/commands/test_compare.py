@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from surm.commands.compare import MethodSpec, Protocol, frontier_plot, pareto_front, parse_methods
+from surm.commands.compare import MethodSpec, Protocol, frontier_plot, pareto_front, parse_methods, text_box
 from surm.commands.compare import compare as compare_runs
 from surm.settings import RunSettings
 
@@ -117,7 +117,6 @@ def plotted_rows():
 
 def test_labels_never_overlap_and_the_front_is_drawn(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
-    from matplotlib.text import Text
 
     from surm.commands import compare as module
 
@@ -126,8 +125,9 @@ def test_labels_never_overlap_and_the_front_is_drawn(tmp_path, monkeypatch):
 
     def spy(axes, renderer, anchors, labels):
         drawn["labels"] = original(axes, renderer, anchors, labels)
-        drawn["boxes"] = [Text.get_window_extent(text, renderer) for text in drawn["labels"]]  # without leaders
+        drawn["boxes"] = [text_box(text, renderer) for text in drawn["labels"]]  # the text, without leader lines
         drawn["lines"] = {line.get_label(): line.get_xydata().tolist() for line in axes.get_lines()}
+        drawn["transform"] = axes.transData.transform
         return drawn["labels"]
 
     monkeypatch.setattr(module, "place_labels", spy)
@@ -140,6 +140,10 @@ def test_labels_never_overlap_and_the_front_is_drawn(tmp_path, monkeypatch):
     overlapping = [(rows[i]["label"], rows[j]["label"]) for i in range(len(boxes)) for j in range(i)
                    if boxes[i].overlaps(boxes[j])]
     assert overlapping == []
+    anchors = [(row["trainable_params"], 100 * row["accuracy_mean"]) for row in rows]
+    for box, anchor in zip(boxes, anchors):  # each label near its own point (within 4 offsets of 16 points)
+        x, y = drawn["transform"](anchor)
+        assert box.x0 - 100 < x < box.x1 + 100 and box.y0 - 100 < y < box.y1 + 100
     expected = ["symmetric_toeplitz", "lokr", "toeplitz", "kronecker", "lora", "full"]  # each beats all cheaper
     front = [[row["trainable_params"], 100 * row["accuracy_mean"]] for label in expected for row in rows
              if row["label"] == label]

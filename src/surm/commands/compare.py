@@ -305,13 +305,19 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 LABEL_OFFSETS = ((6, 4), (6, -12), (-6, 4), (-6, -12), (0, 10), (0, -16))
 
 
+def text_box(annotation: Any, renderer: Any) -> Any:
+    """The display-space box of an annotation's text, without its leader line (placed where it will be drawn)."""
+    from matplotlib.text import Text
+
+    annotation.update_positions(renderer)
+    return Text.get_window_extent(annotation, renderer)
+
+
 def place_labels(axes: Any, renderer: Any, anchors: list[tuple[float, float]], labels: list[str]) -> list[Any]:
     """Annotate each anchor (data coordinates) with its label where the label's box overlaps no label placed
     before it and covers no point: the first free offset of :data:`LABEL_OFFSETS`, scaled out 1x to 4x (with a
     leader line to its point unless it is at the first offset); if none is free, the first offset (a label is never dropped). Returns the
     annotations, in the order of ``labels``."""
-    from matplotlib.text import Text
-
     placed: list[Any] = []
     markers = [axes.transData.transform(anchor) for anchor in anchors]
     annotations: dict[int, Any] = {}
@@ -322,7 +328,7 @@ def place_labels(axes: Any, renderer: Any, anchors: list[tuple[float, float]], l
             text = axes.annotate(labels[index], anchors[index], textcoords="offset points", xytext=(dx, dy),
                                  fontsize=8, ha="left" if dx >= 0 else "right",
                                  arrowprops={"arrowstyle": "-", "alpha": 0.5, "lw": 0.6} if leader else None)
-            box = Text.get_window_extent(text, renderer).expanded(1.05, 1.15)  # the text, not its leader line
+            box = text_box(text, renderer).expanded(1.05, 1.15)
             free = not any(box.overlaps(other) for other in placed) and not any(box.contains(*m) for m in markers)
             if free or attempt == len(candidates):
                 placed.append(box)
