@@ -127,9 +127,10 @@ class MethodChoice:
 
     @property
     def label(self) -> str:
-        """A short name for tables: the method, its mode if not delta, and its options."""
+        """A short name for tables: the method, its mode if not delta, its options, and its targets if given."""
         parts = [self.name] + ([self.mode] if self.mode != "delta" else [])
         parts += [f"{k}={v}" for k, v in sorted(self.options.items()) if v is not None]
+        parts += [f"on {','.join(self.targets)}"] if self.targets else []
         return " ".join(parts)
 
 

@@ -72,6 +72,8 @@ def test_parse_methods_targets_keep_their_commas():
     assert specs[1].targets == ["query", "value", "attention.output.dense"] and specs[1].options == {}
     assert specs[1].option_flags() == ["--targets", "query,value,attention.output.dense"]
     assert specs[1].method().targets == ["query", "value", "attention.output.dense"]
+    assert specs[1].method().label == "circulant on query,value,attention.output.dense"  # the table's label
+    assert specs[2].method().label == "monarch nblocks=2 on query,key" and specs[0].method().label == "lora"
     assert specs[2].targets == ["query", "key"] and specs[2].options == {"nblocks": 2}
     assert specs[2].option_flags() == ["--targets", "query,key", "--nblocks", "2"]
     assert specs[0].targets is None and specs[0].method().targets is None
