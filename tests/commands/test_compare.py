@@ -130,6 +130,7 @@ def test_labels_never_overlap_and_the_front_is_drawn(tmp_path, monkeypatch):
         drawn["boxes"] = [text_box(text, renderer) for text in drawn["labels"]]  # the text, without leader lines
         drawn["lines"] = {line.get_label(): line.get_xydata().tolist() for line in axes.get_lines()}
         drawn["transform"] = axes.transData.transform
+        drawn["area"] = axes.get_window_extent(renderer)
         return drawn["labels"]
 
     monkeypatch.setattr(module, "place_labels", spy)
@@ -143,14 +144,17 @@ def test_labels_never_overlap_and_the_front_is_drawn(tmp_path, monkeypatch):
                    if boxes[i].overlaps(boxes[j])]
     assert overlapping == []
     anchors = [(row["trainable_params"], 100 * row["accuracy_mean"]) for row in rows]
-    for box, anchor in zip(boxes, anchors):  # each label near its own point (within 4 offsets of 16 points)
+    area = drawn["area"]
+    for box, anchor in zip(boxes, anchors):  # each label inside the plot, near its own point
+        assert area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1
         x, y = drawn["transform"](anchor)
         assert box.x0 - 100 < x < box.x1 + 100 and box.y0 - 100 < y < box.y1 + 100
     expected = ["symmetric_toeplitz", "lokr", "toeplitz", "kronecker", "lora", "full"]  # each beats all cheaper
     front = [[row["trainable_params"], 100 * row["accuracy_mean"]] for label in expected for row in rows
              if row["label"] == label]
     line = drawn["lines"]["Pareto front (best accuracy for at most so many parameters)"]
-    assert [x for x, _ in line] == [x for x, _ in front] and [y for _, y in line] == pytest.approx([y for _, y in front])
+    assert [x for x, _ in line] == [x for x, _ in front]
+    assert [y for _, y in line] == pytest.approx([y for _, y in front])
 
 
 # -- a real comparison --------------------------------------------------------------------------------------------

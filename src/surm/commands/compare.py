@@ -314,11 +314,12 @@ def text_box(annotation: Any, renderer: Any) -> Any:
 
 
 def place_labels(axes: Any, renderer: Any, anchors: list[tuple[float, float]], labels: list[str]) -> list[Any]:
-    """Annotate each anchor (data coordinates) with its label where the label's box overlaps no label placed
-    before it and covers no point: the first free offset of :data:`LABEL_OFFSETS`, scaled out 1x to 4x (with a
-    leader line to its point unless it is at the first offset); if none is free, the first offset (a label is never dropped). Returns the
-    annotations, in the order of ``labels``."""
+    """Annotate each anchor (data coordinates) with its label where the label's box stays inside the plot area,
+    overlaps no label placed before it and covers no point: the first free offset of :data:`LABEL_OFFSETS`, scaled
+    out 1x to 4x (with a leader line to its point unless it is at the first offset); if none is free, the first
+    offset (a label is never dropped). Returns the annotations, in the order of ``labels``."""
     placed: list[Any] = []
+    area = axes.get_window_extent(renderer)  # labels stay inside the plot area
     markers = [axes.transData.transform(anchor) for anchor in anchors]
     annotations: dict[int, Any] = {}
     candidates = [(dx * scale, dy * scale, (scale, dx, dy) != (1, *LABEL_OFFSETS[0]))
@@ -329,7 +330,9 @@ def place_labels(axes: Any, renderer: Any, anchors: list[tuple[float, float]], l
                                  fontsize=8, ha="left" if dx >= 0 else "right",
                                  arrowprops={"arrowstyle": "-", "alpha": 0.5, "lw": 0.6} if leader else None)
             box = text_box(text, renderer).expanded(1.05, 1.15)
-            free = not any(box.overlaps(other) for other in placed) and not any(box.contains(*m) for m in markers)
+            inside = (area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1)
+            free = inside and not any(box.overlaps(other) for other in placed) and not any(
+                box.contains(*m) for m in markers)
             if free or attempt == len(candidates):
                 placed.append(box)
                 annotations[index] = text
