@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from .execution import check_execution, choose_path
 from .structures import StructuredMatrix, structure
+from .structures._reuse import records_gradient
 from .structures.base import compute_dtype
 from .validation import is_int
 
@@ -22,6 +23,16 @@ ACTIVATIONS: tuple[str, ...] = tuple(_ACTIVATIONS)
 #: Decisions a :class:`DeltaUpdate` remembers (one per distinct call signature); past this it forgets them all, so an
 #: input whose token count changes every call (no KV cache, growing prompts) cannot grow the cache without bound.
 PATH_CACHE_SIZE = 256
+
+
+def _dropout_is_active(dropout: nn.Module) -> bool:
+    """True for an ``nn.Dropout`` in training mode (p > 0 is given: p = 0 builds an ``nn.Identity``)."""
+    return isinstance(dropout, nn.Dropout) and dropout.training
+
+
+def _dropped_out(dropout: nn.Module, x: Tensor) -> Tensor:
+    """``dropout(x)``, without calling an inactive dropout (identity, or eval mode), which returns x itself."""
+    return dropout(x) if _dropout_is_active(dropout) else x
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -63,7 +74,7 @@ class DeltaUpdate(nn.Module):
     @property
     def has_dropout(self) -> bool:
         """True if dropout is active (training with p > 0): the update's input then differs from the layer's."""
-        return isinstance(self.dropout, nn.Dropout) and self.dropout.training
+        return _dropout_is_active(self.dropout)
 
     def path(self, x: Tensor, folded: bool = False) -> str:
         """``"structured"`` or ``"dense"``: how this update applies to ``x`` (..., in_features) now.
@@ -79,9 +90,7 @@ class DeltaUpdate(nn.Module):
         no answer goes stale. Under ``torch.compile`` the choice is traced (and guarded) as plain code instead.
         """
         tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-        backward = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.matrix.parameters())
-        )
+        backward = records_gradient(x, *self.matrix.parameters())
         key = (self.execution, tokens, folded, backward, x.device.type)
         if torch.compiler.is_compiling():
             return self._choose(*key)
@@ -100,8 +109,7 @@ class DeltaUpdate(nn.Module):
 
         Identity dropout (p = 0, or eval mode) is skipped rather than called: it returns x itself either way.
         """
-        if self.has_dropout:
-            x = self.dropout(x)
+        x = _dropped_out(self.dropout, x)
         if self.path(x) == "dense":
             dtype = compute_dtype(x, *self.matrix.parameters())
             return F.linear(x.to(dtype), self.delta_weight().to(dtype)).to(x.dtype)
@@ -178,7 +186,7 @@ class OutputAdapter(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         """(..., d) -> (..., d): the increment added to h, in the dtype of h (identity dropout is skipped)."""
         act = _ACTIVATIONS[self.activation]
-        x = self.dropout(h) if isinstance(self.dropout, nn.Dropout) and self.dropout.training else h
+        x = _dropped_out(self.dropout, h)
         if self.map is not None:
             return (act(_upcast(self.map(x))) + self.bias).to(h.dtype)
         return self.up(act(_upcast(self.down(x))).to(h.dtype))

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._reuse import records_gradient
+
 
 def fast_fft_length(minimum: int) -> int:
     """The smallest 5-smooth integer (2^a 3^b 5^c) >= ``minimum``: FFT sizes pocketfft and cuFFT run fastest on."""
@@ -105,7 +107,7 @@ def circular_convolution(kernel: Tensor, x: Tensor, length: int) -> Tensor:
     operations, without ``Function.apply`` and its graph bookkeeping (about as costly as the FFTs of a one-token
     call).
     """
-    if torch.is_grad_enabled() and (kernel.requires_grad or x.requires_grad):
+    if records_gradient(kernel, x):
         return CircularConvolution.apply(kernel, x, length)
     return _convolve(kernel, x, length)
 

@@ -18,6 +18,12 @@ from torch import Tensor
 Value = TypeVar("Value")
 
 
+def records_gradient(*tensors: Tensor) -> bool:
+    """True if an operation on ``tensors`` now enters the autograd graph: grad mode is on and one of them requires a
+    gradient."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def reusable(x: Tensor, params: Sequence[Tensor], training: bool) -> bool:
     """True if a value derived from ``params`` may be reused for this call: an eval-mode call through which no
     gradient is recorded.
@@ -30,7 +36,7 @@ def reusable(x: Tensor, params: Sequence[Tensor], training: bool) -> bool:
     """
     if training or torch.compiler.is_compiling():
         return False
-    return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
+    return not records_gradient(x, *params)
 
 
 class ParameterCache(Generic[Value]):
@@ -43,9 +49,9 @@ class ParameterCache(Generic[Value]):
     the storage (dtype or device too). Edits through ``param.data`` bypass the version counter, as they bypass
     autograd's checks: values are therefore reused in eval mode only and forgotten whenever the module switches
     mode (``train()`` / ``eval()``, :meth:`clear`), so a training phase that edits ``.data`` (an old-style
-    optimizer) is seen; only a ``.data`` edit made in eval mode between two eval calls is not. The cache holds aliases of the parameters it read
-    (views, no copy), so a swapped-out storage cannot be freed and its address reused by a new one with an equal
-    version while the cached value lives.
+    optimizer) is seen; only a ``.data`` edit made in eval mode between two eval calls is not. The cache holds
+    aliases of the parameters it read (views, no copy), so a swapped-out storage cannot be freed and its address
+    reused by a new one with an equal version while the cached value lives.
 
     Parameters that are inference tensors (created under ``torch.inference_mode``) have no version counter, so
     nothing is cached for them.
