@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -105,13 +106,14 @@ class LowDisplacementRank(StructuredMatrix):
                 torch.fft.rfft(self.skew_columns.to(dtype), n=length),
                 torch.fft.rfft(self.circulant_columns.to(dtype), n=size),
             ))
-            linear = convolve_spectrum(skew_hat, h, length)  # (..., r, L)
-            skewed = linear[..., :size] - linear[..., size : 2 * size]  # Z_{-1}(s_i) x, (..., r, N)
-            y = convolve_spectrum(circulant_hat, skewed, size).sum(dim=-2)
+            by_skew = functools.partial(convolve_spectrum, skew_hat)
+            by_circulant = functools.partial(convolve_spectrum, circulant_hat)
         else:
-            linear = circular_convolution(self.skew_columns.to(dtype), h, length)
-            skewed = linear[..., :size] - linear[..., size : 2 * size]
-            y = circular_convolution(self.circulant_columns.to(dtype), skewed, size).sum(dim=-2)
+            by_skew = functools.partial(circular_convolution, self.skew_columns.to(dtype))
+            by_circulant = functools.partial(circular_convolution, self.circulant_columns.to(dtype))
+        linear = by_skew(h, length)  # (..., r, L)
+        skewed = linear[..., :size] - linear[..., size : 2 * size]  # Z_{-1}(s_i) x, (..., r, N)
+        y = by_circulant(skewed, size).sum(dim=-2)
         return y[..., : self.out_features].to(x.dtype)
 
     def square_dense(self) -> Tensor:
