@@ -28,7 +28,7 @@ from ..structures import STRUCTURES
 from ..validation import is_int
 from .finetune import RESULTS, RunConfig
 from .paired import paired_difference
-from .tuning import lr_grid, pick_rate
+from .tuning import lr_grid, pick_rate, require_grid_points
 
 #: The README's main job: every surm family (but those PEFT has itself) against PEFT's LoRA and C3A and full
 #: fine-tuning, on MiniLM + mr, sized to finish in about 10 minutes on 2 CPU cores.
@@ -70,6 +70,10 @@ class MethodSpec:
 
     def method(self) -> MethodChoice:
         return MethodChoice(self.name, targets=self.targets, mode=self.mode, options=dict(self.options))
+
+    def with_lr(self, rate: float) -> MethodSpec:
+        """This method at learning rate ``rate`` (same key and folder name: a tuned rate is not one of its pieces)."""
+        return replace(self, overrides={**self.overrides, "lr": rate})
 
     def run_settings(self, settings: RunSettings, seed: int) -> RunSettings:
         """The settings of this method's run of ``seed``."""
@@ -218,6 +222,11 @@ def run_one(spec: MethodSpec, seed: int, output: Path, settings: RunSettings,
     return json.loads(results.read_text())
 
 
+def final_validation_accuracy(results: dict[str, Any]) -> float:
+    """A run's validation accuracy after its last epoch (what tuning compares; there is no early stopping)."""
+    return results["validation_history"][-1]["accuracy"]
+
+
 def summarise(runs: dict[str, list[dict[str, Any]]], reference: Optional[str] = None) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds for each method; with a ``reference`` method key, each row's paired
     difference in test accuracy to it over the seeds both have (:func:`paired_difference`)."""
@@ -225,7 +234,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], reference: Optional[str] = 
     rows = []
     for key, results in runs.items():
         accuracies = [r["test_accuracy"] for r in results]
-        validation = [r["validation_history"][-1]["accuracy"] for r in results]
+        validation = [final_validation_accuracy(r) for r in results]
         f1s = [r["test_macro_f1"] for r in results]
         difference = (paired_difference(by_seed[key], by_seed[reference])
                       if reference in by_seed and key != reference else None)
@@ -388,7 +397,7 @@ class Protocol:
     def check(self, specs: list[MethodSpec], settings: RunSettings) -> None:
         """Raise a ValueError, before any run, for a protocol that cannot apply to ``specs`` and ``settings``."""
         if self.tune_lr:
-            lr_grid(1e-3, self.tune_lr)  # checks the number of points
+            require_grid_points(self.tune_lr)
             if not is_int(self.tune_seeds, minimum=1):
                 raise ValueError(f"--tune-seeds must be at least 1, got {self.tune_seeds!r}")
             if settings.lr is not None:
@@ -430,25 +439,24 @@ def tune(specs: list[MethodSpec], output: Path, settings: RunSettings, protocol:
     Returns each method's record (grid, validation accuracies per rate, chosen rate or None if every tuning run
     failed) and the failed tuning runs.
     """
+    tuning: dict[str, dict[str, Any]] = {}
     tasks = []
-    grids = {spec.key: lr_grid(default_learning_rate(spec.name), protocol.tune_lr) for spec in specs}
     for spec in specs:
-        for rate in grids[spec.key]:
-            tuned = replace(spec, overrides={**spec.overrides, "lr": rate})
+        default = default_learning_rate(spec.name)
+        tuning[spec.key] = {"default": default, "grid": lr_grid(default, protocol.tune_lr), "validation": {},
+                            "chosen": None}
+        for rate in tuning[spec.key]["grid"]:
             for seed in range(protocol.tune_seeds):
-                tasks.append((tuned, seed, output / "runs" / spec.key / "tune" / f"lr-{rate:g}" / f"seed{seed}"))
+                tasks.append((spec.with_lr(rate), seed,
+                              output / "runs" / spec.key / "tune" / f"lr-{rate:g}" / f"seed{seed}"))
     finished = run_all(tasks, settings, jobs, children, evaluate_test=False)
-    tuning: dict[str, dict[str, Any]] = {
-        spec.key: {"default": default_learning_rate(spec.name), "grid": grids[spec.key], "validation": {},
-                   "chosen": None} for spec in specs}
     failed = []
     for (spec, seed, _), result in zip(tasks, finished):
         rate = spec.overrides["lr"]
-        record = tuning[spec.key]
         if result is None:
             failed.append(f"{spec.key} lr {rate:g} seed {seed} (tuning)")
         else:
-            record["validation"].setdefault(f"{rate:g}", []).append(result["validation_history"][-1]["accuracy"])
+            tuning[spec.key]["validation"].setdefault(f"{rate:g}", []).append(final_validation_accuracy(result))
     for record in tuning.values():
         scores = {float(rate): accuracies for rate, accuracies in record["validation"].items()}
         record["chosen"] = pick_rate(scores, record["default"]) if scores else None
@@ -489,14 +497,14 @@ def compare(specs: list[MethodSpec], seeds: list[int], output: Path, settings: R
     finals = [(spec, output / "runs" / spec.key) for spec in specs]
     if protocol.tune_lr:
         tuning, failed = tune(specs, output, settings, protocol, jobs, children)
-        finals = [(replace(spec, overrides={**spec.overrides, "lr": tuning[spec.key]["chosen"]}),
-                   output / "runs" / spec.key / f"lr-{tuning[spec.key]['chosen']:g}")
-                  for spec in specs if tuning[spec.key]["chosen"] is not None]
+        chosen = {key: record["chosen"] for key, record in tuning.items() if record["chosen"] is not None}
+        finals = [(spec.with_lr(chosen[spec.key]), output / "runs" / spec.key / f"lr-{chosen[spec.key]:g}")
+                  for spec in specs if spec.key in chosen]
     tasks = [(spec, seed, folder / f"seed{seed}") for spec, folder in finals for seed in seeds]
     finished = run_all(tasks, settings, jobs, children)
     runs: dict[str, list[dict[str, Any]]] = {}
     for (spec, seed, _), result in zip(tasks, finished):
-        if result is None:  # (a tuned spec differs only in its overrides: its key is the listed method's)
+        if result is None:  # (a tuned spec keeps the listed method's key: MethodSpec.with_lr)
             failed.append(f"{spec.key} seed {seed}")
         else:
             runs.setdefault(spec.key, []).append(result)

@@ -34,6 +34,14 @@ def ladder_rate(index: int) -> float:
     return float(f"{(3 if odd else 1)}e{exponent}")
 
 
+def require_grid_points(points: object) -> int:
+    """``points`` if it is a number of grid points (at least 2: a grid of one rate tunes nothing), else a
+    ValueError."""
+    if not is_int(points, minimum=2):
+        raise ValueError(f"--tune-lr takes the number of grid points per method, at least 2, got {points!r}")
+    return points  # type: ignore[return-value]
+
+
 def lr_grid(default: float, points: int) -> list[float]:
     """``points`` rates of the ladder centred on ``default``'s rung, ascending (one more above for even counts).
 
@@ -41,10 +49,9 @@ def lr_grid(default: float, points: int) -> list[float]:
     [0.0003, 0.001, 0.003]
 
     Raises:
-        ValueError: for fewer than 2 points (a grid of one rate tunes nothing).
+        ValueError: for fewer than 2 points (:func:`require_grid_points`).
     """
-    if not is_int(points, minimum=2):
-        raise ValueError(f"--tune-lr takes the number of grid points per method, at least 2, got {points!r}")
+    require_grid_points(points)
     centre = ladder_index(default)
     return [ladder_rate(centre + step) for step in range(-((points - 1) // 2), points // 2 + 1)]
 
