@@ -11,11 +11,12 @@ import peft
 import torch
 
 from ...data import load_dataset
-from ...insertion import DeltaUpdate, OutputAdapter
+from ...insertion import OutputAdapter
 from ...methods import MethodChoice, build_peft_config, recommended_method
 from ...models import load_model
 from ...peft import SurmLayer
-from ...structures import STRUCTURES, search_space, structure
+from ...recommendation import layer_parameters
+from ...structures import STRUCTURES, declared_options, search_space
 from .settings import SearchSettings
 from .space import Candidate, all_shapes
 
@@ -76,9 +77,9 @@ class ParameterCounter:
             return None
         wanted = self.adapted_modules("delta", ",".join(choice.targets or []))
         targets = next((t for t in settings.target_sets("delta") if self.adapted_modules("delta", t) == wanted), None)
-        defaults = {option.name: option.default for option in STRUCTURES[choice.name].options}
+        declared = declared_options(STRUCTURES[choice.name], choice.options)
         space = search_space(choice.name)
-        options = tuple(sorted((name, choice.options.get(name, defaults[name])) for name in space))
+        options = tuple(sorted((name, declared[name]) for name in space))
         if targets is None or any(value not in space[name] for name, value in options):
             return None
         candidate = Candidate(choice.name, "delta", targets, options)
@@ -97,12 +98,11 @@ class ParameterCounter:
     def _layer_count(self, family: str, options: tuple, mode: str, bottleneck: Optional[int], in_features: int,
                      out_features: int) -> int:
         kwargs = {k: v for k, v in options if v is not None}
+        if mode == "delta":
+            return layer_parameters(family, tuple(sorted(kwargs.items())), out_features, in_features)
         with torch.device("meta"):
-            if mode == "delta":
-                module = DeltaUpdate(structure(family, out_features, in_features, **kwargs))
-            else:
-                module = OutputAdapter(out_features, family, kwargs, bottleneck=bottleneck)
-        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+            adapter = OutputAdapter(out_features, family, kwargs, bottleneck=bottleneck)
+        return sum(p.numel() for p in adapter.parameters() if p.requires_grad)
 
     def smallest(self, settings: SearchSettings) -> tuple[int, Candidate, list[Candidate], int]:
         """The cheapest valid configuration of the space: (params, candidate, those within the budget, how many
