@@ -66,6 +66,7 @@ def test_a_planted_pickle_is_refused_unread(tmp_path):
     ("mistyped", "'epoch' is a str, expected int"),
     ("negative", "'global_step' is negative"),
     ("history", "a 'history' entry is not a dict of finite numbers"),
+    ("confusion", "a 'history' entry is not a dict of finite numbers"),
     ("trainable", "'trainable' holds non-tensor entries"),
     ("rng", "'rng' is not a list of random states"),
 ])
@@ -90,6 +91,9 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(reference_run, tmp_path, dam
             data["global_step"] = -1
         elif damage == "history":
             data["history"] = [{"accuracy": float("nan")}]
+        elif damage == "confusion":  # a count below zero (the reference run's own matrices read back above)
+            assert all(len(entry["confusion"]) == 2 for entry in data["history"])
+            data["history"] = [{"accuracy": 0.5, "confusion": [[1, -1], [0, 2]]}]
         elif damage == "trainable":
             data["trainable"] = {"x": [1.0]}
         elif damage == "rng":

@@ -3,7 +3,8 @@ checked against the run that would resume from them before anything is trained o
 
 A checkpoint is one dict:
 
-* progress: ``epoch``, ``step_in_epoch``, ``global_step`` (ints), ``history`` (validation metrics per epoch),
+* progress: ``epoch``, ``step_in_epoch``, ``global_step`` (ints), ``history`` (validation metrics per epoch: finite
+  numbers, and the ``confusion`` matrix as a square list of lists of counts),
   ``train_seconds``, ``samples``, ``loss_watch`` (the divergence watch of :mod:`surm.trainer`);
 * ``trainable``: every trainable parameter by name; ``optimizer`` and ``scheduler``: their ``state_dict()``;
 * ``rng``: the CPU random state of every process; ``settings``: the run's settings (``RunConfig.describe()``).
@@ -75,8 +76,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not (math.isfinite(data["train_seconds"]) and data["train_seconds"] >= 0):
         raise CheckpointError(f"checkpoint {path}: 'train_seconds' is {data['train_seconds']!r}")
     for entry in data["history"]:
-        if not (isinstance(entry, dict) and all(is_finite_number(v) for v in entry.values())):
-            raise CheckpointError(f"checkpoint {path}: a 'history' entry is not a dict of finite numbers: {entry!r}")
+        if not (isinstance(entry, dict) and all(_is_counts(v) if k == "confusion" else is_finite_number(v)
+                                                for k, v in entry.items())):
+            raise CheckpointError(f"checkpoint {path}: a 'history' entry is not a dict of finite numbers (and a "
+                                  f"confusion matrix of counts): {entry!r}")
     bad = [name for name, value in data["trainable"].items()
            if not (isinstance(name, str) and isinstance(value, Tensor))]
     if bad:
@@ -84,6 +87,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not all(isinstance(state, Tensor) and state.dtype == torch.uint8 for state in data["rng"]):
         raise CheckpointError(f"checkpoint {path}: 'rng' is not a list of random states (uint8 tensors)")
     return data
+
+
+def _is_counts(value: Any) -> bool:
+    """True for a square list of lists of non-negative ints (a confusion matrix)."""
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(row, list) and len(row) == len(value) and all(is_int(n, minimum=0) for n in row)
+                    for row in value))
 
 
 def check_resumable(path: Path, data: dict[str, Any], *, settings: dict[str, Any],

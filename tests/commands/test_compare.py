@@ -13,7 +13,8 @@ import subprocess
 
 import pytest
 
-from surm.commands.compare import MethodSpec, Protocol, frontier_plot, pareto_front, parse_methods, text_box
+from surm.commands.compare import MethodSpec, Protocol, frontier_plot, pareto_front, parse_methods, recall_table, \
+    summarise, text_box
 from surm.commands.compare import compare as compare_runs
 from surm.settings import RunSettings
 
@@ -211,8 +212,41 @@ def test_compare_writes_table_json_and_plot(first):
         assert row["adapter_params"] == row["trainable_params"] - 770
         cells = f"| {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} |"
         assert any(line.startswith(f"| {method} |") and cells in line for line in markdown.splitlines())
+        recalls = [[c[i][i] / sum(c[i]) if sum(c[i]) else None for i in range(2)]
+                   for c in (r["test_confusion"] for r in runs)]
+        expected = [statistics.fmean(pair) if None not in pair else None for pair in zip(*recalls)]
+        assert list(row["recall_per_class"]) == runs[0]["label_names"]
+        assert list(row["recall_per_class"].values()) == pytest.approx(expected)
+    assert "Test recall per class" not in markdown  # mr is balanced: accuracy says it all
     assert rows["lora"]["adapter_params"] == 12 * 8 * 768 and rows["circulant"]["adapter_params"] == 12 * 384
     assert first["plot"].startswith(b"\x89PNG\r\n\x1a\n") and len(first["plot"]) > 10_000
+
+
+def _result(seed: int, confusion: list[list[int]] | None, label: str) -> dict:
+    correct = sum(confusion[i][i] for i in range(3)) if confusion else 9
+    return {"seed": seed, "label": label, "trainable_params": 10, "head_params": 4, "test_accuracy": correct / 12,
+            "test_macro_f1": 0.5, "validation_history": [{"accuracy": 0.5}], "train_seconds": 1.0,
+            "peak_memory_mb": 1.0, "config": {"lr": 1e-3}, "imbalanced": True, "label_names": ["a", "b", "rare"],
+            "test_confusion": confusion}
+
+
+def test_recall_per_class_is_averaged_over_seeds_and_tabled_for_an_imbalanced_set():
+    runs = {"lora": [_result(0, [[6, 0, 0], [0, 4, 0], [1, 0, 1]], "lora"),
+                     _result(1, [[5, 1, 0], [0, 4, 0], [2, 0, 0]], "lora")],
+            "circulant": [_result(0, [[6, 0, 0], [1, 3, 0], [2, 0, 0]], "circulant"),
+                          _result(1, [[6, 0, 0], [0, 4, 0], [2, 0, 0]], "circulant")]}
+    rows = {row["method"]: row for row in summarise(runs, "lora")}
+    assert rows["lora"]["recall_per_class"] == pytest.approx({"a": 11 / 12, "b": 1.0, "rare": 0.25})
+    assert rows["circulant"]["recall_per_class"] == pytest.approx({"a": 1.0, "b": 7 / 8, "rare": 0.0})
+    lines = recall_table(list(rows.values())).splitlines()
+    assert lines[2:] == ["| method | a | b | rare |", "|---|---:|---:|---:|",
+                         "| lora | 91.7 | 100.0 | 25.0 |", "| circulant | 100.0 | 87.5 | 0.0 |"]
+    # a class with no test examples has no recall; a reused result from before confusion matrices has no table
+    runs["lora"][0]["test_confusion"] = [[6, 0, 0], [0, 4, 0], [0, 0, 0]]
+    assert summarise(runs)[0]["recall_per_class"]["rare"] is None
+    runs["lora"][1]["test_confusion"] = None
+    rows = summarise(runs)
+    assert rows[0]["recall_per_class"] is None and recall_table(rows) == ""
 
 
 @pytest.mark.slow

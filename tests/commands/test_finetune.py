@@ -30,7 +30,7 @@ from ..runs import TINY, call_main, environment, finetune_main, listing, surm_co
 
 RESULT_FIELDS = {
     "method", "label", "mode", "config", "peft_config", "trainable_params", "head_params", "total_params",
-    "test_accuracy", "test_macro_f1", "test_loss", "imbalanced", "validation_history", "train_seconds",
+    "test_accuracy", "test_macro_f1", "test_loss", "test_confusion", "imbalanced", "validation_history", "train_seconds",
     "peak_memory_mb", "samples_per_second", "seed", "versions", "dataset", "num_labels", "label_names",
     "world_size", "device",
 }
@@ -80,7 +80,11 @@ def test_results_json_has_what_the_issue_lists(reference_run):
     assert [(h["epoch"], h["step"]) for h in results["validation_history"]] == [(1, 2), (2, 4)]
     for entry in results["validation_history"]:
         assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["macro_f1"] <= 1 and entry["loss"] > 0
+        counts = np.array(entry["confusion"])  # rows: true classes, columns: predictions
+        assert counts.shape == (2, 2) and counts.sum() == 16 and np.trace(counts) / 16 == entry["accuracy"]
     assert results["test_accuracy"] in {i / 16 for i in range(17)}  # 16 test examples
+    counts = np.array(results["test_confusion"])
+    assert counts.shape == (2, 2) and counts.sum() == 16 and np.trace(counts) / 16 == results["test_accuracy"]
     assert results["imbalanced"] is False  # mr is balanced
     assert results["train_seconds"] > 0 and results["peak_memory_mb"] > 100
     assert results["samples_per_second"] == pytest.approx(4 * 16 / results["train_seconds"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from surm.data import accuracy, is_imbalanced, macro_f1
+from surm.data import accuracy, confusion_matrix, is_imbalanced, macro_f1, recall_per_class
 
 
 def test_accuracy():
@@ -36,6 +36,31 @@ def test_macro_f1_matches_sklearn():
         labels, preds = rng.integers(0, 5, 50), rng.integers(0, 5, 50)
         preds[:3] = 4  # make sure some class may appear on one side only
         assert macro_f1(preds, labels, 5) == pytest.approx(metrics.f1_score(labels, preds, average="macro"))
+
+
+def test_confusion_matrix_and_recall_by_hand():
+    labels = [0, 0, 0, 1, 1, 2]
+    preds = [0, 0, 1, 1, 2, 2]
+    counts = confusion_matrix(preds, labels, 4)
+    assert counts.dtype == np.int64
+    assert counts.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    # rows are true labels: class 0 recalled 2 of 3, class 1 1 of 2, class 2 1 of 1, class 3 has no examples
+    assert recall_per_class(counts) == [pytest.approx(2 / 3), 0.5, 1.0, None]
+    assert recall_per_class(counts.tolist()) == recall_per_class(counts)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        confusion_matrix([0, 2], [0, 1], 2)
+    with pytest.raises(ValueError, match="empty"):
+        confusion_matrix([], [], 2)
+
+
+def test_confusion_matrix_matches_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    labels, preds = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
+    expected = metrics.confusion_matrix(labels, preds, labels=range(6))
+    assert confusion_matrix(preds, labels, 6).tolist() == expected.tolist()
+    assert recall_per_class(expected)[:5] == pytest.approx(
+        metrics.recall_score(labels, preds, average=None, labels=range(5)).tolist())
 
 
 def test_is_imbalanced():

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from .. import atomic
 from ..checkpoint import CHECKPOINT
+from ..data import recall_per_class
 from ..methods import METHODS, MethodChoice, default_learning_rate, method_options
 from ..settings import RunSettings, setting_defaults, setting_types
 from ..structures import STRUCTURES
@@ -253,8 +254,34 @@ def summarise(runs: dict[str, list[dict[str, Any]]], reference: Optional[str] = 
             "peak_memory_mb_mean": statistics.fmean(r["peak_memory_mb"] for r in results),
             "lr": results[0]["config"]["lr"],
             "difference": asdict(difference) if difference is not None else None,
+            "imbalanced": bool(results[0].get("imbalanced")),
+            "recall_per_class": mean_recall_per_class(results),
         })
     return rows
+
+
+def mean_recall_per_class(results: list[dict[str, Any]]) -> Optional[dict[str, Optional[float]]]:
+    """Each class's test recall (by label name), averaged over the runs; None if a run has no confusion matrix
+    (results written before surm recorded it)."""
+    if any(r.get("test_confusion") is None for r in results):
+        return None
+    recalls = [recall_per_class(r["test_confusion"]) for r in results]
+    return {name: (statistics.fmean(scores) if None not in scores else None)
+            for name, scores in zip(results[0]["label_names"], zip(*recalls))}
+
+
+def recall_table(rows: list[dict[str, Any]]) -> str:
+    """Each method's test recall per class (mean over seeds, %), best accuracy first: where the accuracy of an
+    imbalanced set is won or lost. Empty if a row lacks the per-class scores."""
+    if not rows or any(row["recall_per_class"] is None for row in rows):
+        return ""
+    names = list(rows[0]["recall_per_class"])
+    lines = ["Test recall per class % (mean over seeds: the share of each class's examples predicted as it):", "",
+             "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for row in sorted(rows, key=lambda r: -r["accuracy_mean"]):
+        cells = [f"{100 * v:.1f}" if v is not None else "—" for v in row["recall_per_class"].values()]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _difference_cell(difference: Optional[dict[str, Any]]) -> str:
@@ -510,6 +537,8 @@ def compare(specs: list[MethodSpec], seeds: list[int], output: Path, settings: R
             runs.setdefault(spec.key, []).append(result)
     rows = summarise(runs, protocol.reference)
     table = markdown_table(rows, title, protocol.reference)
+    if any(row["imbalanced"] for row in rows) and recall_table(rows):
+        table += "\n" + recall_table(rows)
     if tuning:
         table += "\n" + tuning_table(tuning)
     if failed:

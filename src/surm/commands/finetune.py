@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__, atomic
 from ..checkpoint import CHECKPOINT, check_resumable, read_checkpoint, save_checkpoint
-from ..data import DatasetSplits, accuracy, is_imbalanced, load_dataset, macro_f1
+from ..data import DatasetSplits, accuracy, confusion_matrix, is_imbalanced, load_dataset, macro_f1
 from ..distributed import Topology, barrier, gather_objects, init_topology, shutdown
 from ..errors import CheckpointError, TrainingDiverged
 from ..methods import MethodChoice, build_peft_config, default_learning_rate, recommended_method
@@ -40,7 +40,7 @@ from ..validation import is_int, require_positive_int
 RESULTS = "results.json"
 LOG = "train.log"
 #: ``on_epoch(epoch, validation_metrics)``, called after each epoch (see :meth:`Run.execute`).
-EpochCallback = Callable[[int, dict[str, float]], None]
+EpochCallback = Callable[[int, dict[str, Any]], None]
 #: The saved model folder: the PEFT adapter, or the whole model for full fine-tuning.
 MODEL_FOLDERS = ("adapter", "model")
 log = logging.getLogger("surm")
@@ -382,8 +382,10 @@ class Run:
     # -- evaluation ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, examples: list) -> dict[str, float]:
-        """Accuracy, macro-F1 and mean loss on ``examples``, sharded over processes and gathered."""
+    def evaluate(self, examples: list) -> dict[str, Any]:
+        """Accuracy, macro-F1, mean loss and the confusion matrix (``confusion[i][j]``: examples of class ``i``
+        predicted as ``j``, :func:`surm.data.confusion_matrix`) on ``examples``, sharded over processes and
+        gathered."""
         self.model.eval()
         shard = np.array_split(np.arange(len(examples)), self.topology.world_size)[self.topology.rank]
         preds, labels, losses = [], [], []
@@ -406,6 +408,7 @@ class Run:
             "accuracy": accuracy(all_preds, all_labels),
             "macro_f1": macro_f1(all_preds, all_labels, self.data.num_labels),
             "loss": sum(p[2] for p in parts) / max(1, len(all_labels)),
+            "confusion": confusion_matrix(all_preds, all_labels, self.data.num_labels).tolist(),
         }
 
     # -- training --------------------------------------------------------------------------------------------
@@ -519,7 +522,7 @@ class Run:
         scheduler.step()
         return float(loss_sum.detach()) / len(share)
 
-    def _results(self, state: dict[str, Any], test: Optional[dict[str, float]],
+    def _results(self, state: dict[str, Any], test: Optional[dict[str, Any]],
                  trainable_params: int) -> dict[str, Any]:
         """results.json; the test metrics are None when the test split was not evaluated."""
         test_labels = np.array([e.label for e in self.test_examples])
@@ -540,6 +543,7 @@ class Run:
             "test_accuracy": test["accuracy"] if test else None,
             "test_macro_f1": test["macro_f1"] if test else None,
             "test_loss": test["loss"] if test else None,
+            "test_confusion": test["confusion"] if test else None,
             "imbalanced": bool(is_imbalanced(test_labels, self.data.num_labels)) if test else None,
             "validation_history": state["history"],
             "train_seconds": state["train_seconds"],

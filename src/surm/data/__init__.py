@@ -9,7 +9,7 @@ and numpy-only metrics.
 from .catalog import EMBEDDED
 from .examples import DatasetSplits, Example, ImageExample, TextExample
 from .loading import load_dataset
-from .metrics import accuracy, is_imbalanced, macro_f1
+from .metrics import accuracy, confusion_matrix, is_imbalanced, macro_f1, recall_per_class
 from .readers import SUPPORTED
 
 __all__ = [
@@ -20,7 +20,9 @@ __all__ = [
     "ImageExample",
     "TextExample",
     "accuracy",
+    "confusion_matrix",
     "is_imbalanced",
     "load_dataset",
     "macro_f1",
+    "recall_per_class",
 ]

@@ -21,21 +21,41 @@ def accuracy(preds: ArrayLike, labels: ArrayLike) -> float:
     return float(np.mean(p == y))
 
 
+def confusion_matrix(preds: ArrayLike, labels: ArrayLike, num_labels: int) -> np.ndarray:
+    """``counts[i, j]``: the number of examples of class ``i`` predicted as class ``j`` (rows are the true labels,
+    columns the predictions; ``num_labels`` x ``num_labels`` int64). Class ``i``'s recall is
+    ``counts[i, i] / counts[i].sum()``.
+
+    Raises:
+        ValueError: for empty or unequal inputs, or a class index outside ``[0, num_labels)``.
+    """
+    p, y = _pair(preds, labels)
+    if min(p.min(), y.min()) < 0 or max(p.max(), y.max()) >= num_labels:
+        raise ValueError(f"class indices must lie in [0, {num_labels})")
+    counts = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(counts, (y, p), 1)
+    return counts
+
+
 def macro_f1(preds: ArrayLike, labels: ArrayLike, num_labels: int) -> float:
     """The unweighted mean of per-class F1 over the classes that occur in ``labels`` or ``preds``.
 
     Matches ``sklearn.metrics.f1_score(labels, preds, average="macro")``: a class that occurs only in the
     predictions scores 0, a class absent from both is left out. ``num_labels`` bounds the class indices.
     """
-    p, y = _pair(preds, labels)
-    if min(p.min(), y.min()) < 0 or max(p.max(), y.max()) >= num_labels:
-        raise ValueError(f"class indices must lie in [0, {num_labels})")
-    tp = np.bincount(y[p == y], minlength=num_labels)
-    predicted = np.bincount(p, minlength=num_labels)
-    actual = np.bincount(y, minlength=num_labels)
+    counts = confusion_matrix(preds, labels, num_labels)
+    tp, predicted, actual = np.diag(counts), counts.sum(axis=0), counts.sum(axis=1)
     present = (predicted + actual) > 0
     f1 = 2 * tp[present] / (predicted[present] + actual[present])
     return float(f1.mean())
+
+
+def recall_per_class(counts: ArrayLike) -> list[float | None]:
+    """Each class's recall from a confusion matrix (:func:`confusion_matrix`): the share of its examples predicted
+    as it; None for a class with no examples."""
+    counts = np.asarray(counts)
+    actual = counts.sum(axis=1)
+    return [float(counts[i, i] / actual[i]) if actual[i] else None for i in range(len(counts))]
 
 
 def is_imbalanced(labels: ArrayLike, num_labels: int | None = None, ratio: float = 0.5) -> bool:

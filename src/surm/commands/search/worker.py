@@ -151,7 +151,7 @@ class Search:
                            resume=True)
         history, finished = checkpoint_history(folder, config)
         if not finished:
-            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
                 history.append({"epoch": epoch, **metrics})
                 trial.report(metrics["accuracy"], epoch)
                 trial.set_user_attr("history", history)
@@ -270,7 +270,7 @@ def run_adapter_params(run: Run) -> int:
     return sum(p.numel() for n, p in run.model.named_parameters() if p.requires_grad and n not in head)
 
 
-def checkpoint_history(folder: Path, config: RunConfig) -> tuple[list[dict[str, float]], bool]:
+def checkpoint_history(folder: Path, config: RunConfig) -> tuple[list[dict[str, Any]], bool]:
     """The validation history in the checkpoint that a retried trial resumes from, and whether that run already
     trained every epoch (its worker died after the last checkpoint); ([], False) without a checkpoint of these
     settings. The checkpoint is read safely (see :func:`surm.checkpoint.read_checkpoint`).
