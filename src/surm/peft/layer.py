@@ -485,8 +485,11 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         adapter a, ``h_i = h0_i + f_b(h0_i)`` if it names an adapter-mode adapter b, and ``h_i = h0_i`` for
         :data:`BASE_ROWS` (``"__base__"``) or a name that has no adapter on this layer (an adapter may target only
         some layers; :class:`~surm.peft.model.SurmModel` checks that every name exists somewhere). Rows are
-        grouped by name, so each adapter applies once, to its rows. A delta adapter never folds into the base
-        weight here (that weight is shared by every row): its dense path multiplies by ``s · dense(M)`` separately.
+        grouped by name, so each adapter applies once, to its rows. Each group is computed as :meth:`forward`
+        with that adapter alone would compute it for the whole batch, so a row's output does not depend on its
+        neighbours' adapters (beyond the base product's own rounding): where that forward folds the delta into
+        the base weight (the dense path, decided on the whole batch), the group's rows are multiplied by
+        ``W + s · dense(M)``; otherwise ``s · M_a(x_i)`` is added to ``h0_i``.
 
         Args:
             x: (N, ..., in_features), or (N, in_channels, H, W) for a Conv2d.
@@ -526,15 +529,20 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         if not groups:
             return result
         inputs = self._delta_input(x) if any(name in self.surm_delta for name in groups) else x
-        increment = torch.zeros_like(result)
+        output = result.clone()
         for name, group in groups.items():
             index = slice(None) if len(group) == rows else torch.tensor(group, device=x.device)
             if name in self.surm_delta:
-                effect = self.surm_delta[name](inputs[index])
+                delta = self.surm_delta[name]
+                if delta.path(inputs, folded=True) == "dense" and self.can_fold(delta, x, args, kwargs):
+                    weight = self.get_base_layer().weight + self.get_delta_weight(name)
+                    output[index] = self._base_forward_with_weight(x[index], weight).to(result.dtype)
+                    continue
+                effect = delta(inputs[index])
             else:
                 effect = self.surm_adapter[name](self._channels_last(result[index]))
-            increment[index] = self._channels_back(effect).to(result.dtype)
-        return result + increment
+            output[index] = result[index] + self._channels_back(effect).to(result.dtype)
+        return output
 
     def extra_repr(self) -> str:
         return quantization_extra_repr(self)
