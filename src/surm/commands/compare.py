@@ -537,8 +537,9 @@ def compare(specs: list[MethodSpec], seeds: list[int], output: Path, settings: R
             runs.setdefault(spec.key, []).append(result)
     rows = summarise(runs, protocol.reference)
     table = markdown_table(rows, title, protocol.reference)
-    if any(row["imbalanced"] for row in rows) and recall_table(rows):
-        table += "\n" + recall_table(rows)
+    recalls = recall_table(rows) if any(row["imbalanced"] for row in rows) else ""
+    if recalls:
+        table += "\n" + recalls
     if tuning:
         table += "\n" + tuning_table(tuning)
     if failed:
