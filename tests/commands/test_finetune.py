@@ -30,8 +30,8 @@ from ..runs import TINY, call_main, environment, finetune_main, listing, surm_co
 
 RESULT_FIELDS = {
     "method", "label", "mode", "config", "peft_config", "trainable_params", "head_params", "total_params",
-    "test_accuracy", "test_macro_f1", "test_loss", "test_confusion", "imbalanced", "validation_history", "train_seconds",
-    "peak_memory_mb", "samples_per_second", "seed", "versions", "dataset", "num_labels", "label_names",
+    "test_accuracy", "test_macro_f1", "test_loss", "test_confusion", "imbalanced", "validation_history",
+    "train_seconds", "peak_memory_mb", "samples_per_second", "seed", "versions", "dataset", "num_labels", "label_names",
     "world_size", "device",
 }
 
