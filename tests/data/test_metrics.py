@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from surm.data import accuracy, confusion_matrix, is_imbalanced, macro_f1, recall_per_class
+from surm.data import accuracy, confusion_matrix, is_imbalanced, macro_f1, macro_f1_of, recall_per_class
 
 
 def test_accuracy():
@@ -47,6 +47,7 @@ def test_confusion_matrix_and_recall_by_hand():
     # rows are true labels: class 0 recalled 2 of 3, class 1 1 of 2, class 2 1 of 1, class 3 has no examples
     assert recall_per_class(counts) == [pytest.approx(2 / 3), 0.5, 1.0, None]
     assert recall_per_class(counts.tolist()) == recall_per_class(counts)
+    assert macro_f1_of(counts.tolist()) == macro_f1(preds, labels, 4)
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         confusion_matrix([0, 2], [0, 1], 2)
     with pytest.raises(ValueError, match="empty"):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__, atomic
 from ..checkpoint import CHECKPOINT, check_resumable, read_checkpoint, save_checkpoint
-from ..data import DatasetSplits, accuracy, confusion_matrix, is_imbalanced, load_dataset, macro_f1
+from ..data import DatasetSplits, accuracy, confusion_matrix, is_imbalanced, load_dataset, macro_f1_of
 from ..distributed import Topology, barrier, gather_objects, init_topology, shutdown
 from ..errors import CheckpointError, TrainingDiverged
 from ..methods import MethodChoice, build_peft_config, default_learning_rate, recommended_method
@@ -404,11 +404,12 @@ class Run:
         all_preds = np.concatenate([p[0] for p in parts])
         all_labels = np.concatenate([p[1] for p in parts])
         self.model.train()
+        counts = confusion_matrix(all_preds, all_labels, self.data.num_labels)
         return {
             "accuracy": accuracy(all_preds, all_labels),
-            "macro_f1": macro_f1(all_preds, all_labels, self.data.num_labels),
+            "macro_f1": macro_f1_of(counts),
             "loss": sum(p[2] for p in parts) / max(1, len(all_labels)),
-            "confusion": confusion_matrix(all_preds, all_labels, self.data.num_labels).tolist(),
+            "confusion": counts.tolist(),
         }
 
     # -- training --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ and numpy-only metrics.
 from .catalog import EMBEDDED
 from .examples import DatasetSplits, Example, ImageExample, TextExample
 from .loading import load_dataset
-from .metrics import accuracy, confusion_matrix, is_imbalanced, macro_f1, recall_per_class
+from .metrics import accuracy, confusion_matrix, is_imbalanced, macro_f1, macro_f1_of, recall_per_class
 from .readers import SUPPORTED
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "is_imbalanced",
     "load_dataset",
     "macro_f1",
+    "macro_f1_of",
     "recall_per_class",
 ]

@@ -43,7 +43,13 @@ def macro_f1(preds: ArrayLike, labels: ArrayLike, num_labels: int) -> float:
     Matches ``sklearn.metrics.f1_score(labels, preds, average="macro")``: a class that occurs only in the
     predictions scores 0, a class absent from both is left out. ``num_labels`` bounds the class indices.
     """
-    counts = confusion_matrix(preds, labels, num_labels)
+    return macro_f1_of(confusion_matrix(preds, labels, num_labels))
+
+
+def macro_f1_of(counts: ArrayLike) -> float:
+    """:func:`macro_f1` from a confusion matrix (:func:`confusion_matrix`): the mean over the classes present in
+    its rows or columns of ``2 tp / (predicted + actual)``."""
+    counts = np.asarray(counts)
     tp, predicted, actual = np.diag(counts), counts.sum(axis=0), counts.sum(axis=1)
     present = (predicted + actual) > 0
     f1 = 2 * tp[present] / (predicted[present] + actual[present])

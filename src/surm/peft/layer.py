@@ -422,6 +422,20 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             and x.dtype == weight.dtype
         )
 
+    def _folds(self, name: str, rows: Tensor, x: Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether delta adapter ``name`` applies folded into the base product for input ``x`` (``rows``: its
+        input as the delta sees it): its execution path for these rows is dense and :meth:`can_fold` accepts it.
+
+        The path (a cached lookup) is asked first: when it is structured, as in generation, can_fold is not needed.
+        """
+        delta = self.surm_delta[name]
+        return delta.path(rows, folded=True) == "dense" and self.can_fold(delta, x, args, kwargs)
+
+    def _forward_folded(self, x: Tensor, names: Sequence[str]) -> Tensor:
+        """The base layer's forward with ``W0 + sum_a s_a · dense(M_a)`` over the delta adapters ``names``."""
+        weight = self.get_base_layer().weight + _total(self.get_delta_weight(n) for n in names)
+        return self._base_forward_with_weight(x, weight)
+
     def _base_forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         """The base layer's forward with ``weight`` in place of its own (same layout, same bias).
 
@@ -454,16 +468,9 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         names = [n for n in active if n in self.surm_delta and n not in self.merged_adapters]
         rows = self._delta_input(x) if names else x
         # The dense path folds s · dense(M) into the base product (see surm.execution); the rest add their update.
-        # The path (a cached lookup) is asked first: when it is structured, as in generation, can_fold is not needed.
-        folded = [
-            n
-            for n in names
-            if self.surm_delta[n].path(rows, folded=True) == "dense"
-            and self.can_fold(self.surm_delta[n], x, args, kwargs)
-        ]
+        folded = [n for n in names if self._folds(n, rows, x, args, kwargs)]
         if folded:
-            weight = self.get_base_layer().weight + _total(self.get_delta_weight(n) for n in folded)
-            result = self._base_forward_with_weight(x, weight)
+            result = self._forward_folded(x, folded)
         else:
             result = self.base_layer(x, *args, **kwargs)
         separate = [self.surm_delta[n] for n in names if n not in folded]
@@ -533,12 +540,10 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         for name, group in groups.items():
             index = slice(None) if len(group) == rows else torch.tensor(group, device=x.device)
             if name in self.surm_delta:
-                delta = self.surm_delta[name]
-                if delta.path(inputs, folded=True) == "dense" and self.can_fold(delta, x, args, kwargs):
-                    weight = self.get_base_layer().weight + self.get_delta_weight(name)
-                    output[index] = self._base_forward_with_weight(x[index], weight).to(result.dtype)
+                if self._folds(name, inputs, x, args, kwargs):
+                    output[index] = self._forward_folded(x[index], [name]).to(result.dtype)
                     continue
-                effect = delta(inputs[index])
+                effect = self.surm_delta[name](inputs[index])
             else:
                 effect = self.surm_adapter[name](self._channels_last(result[index]))
             output[index] = result[index] + self._channels_back(effect).to(result.dtype)
