@@ -188,6 +188,30 @@ def test_layer_dense_path_folds_into_the_base_product(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_a_layer_asks_each_update_for_its_path_once_per_call_and_for_the_option_that_exists(monkeypatch, execution):
+    """The layer decides folding with one path query per delta adapter and call (the decision is reused by the
+    update's own apply): ``folded=True`` where :meth:`can_fold` accepts the call, ``folded=False`` where it does
+    not (active dropout here), and the plan follows the answer."""
+    model = adapted("toeplitz", {}, execution, dropout=0.5)
+    linear = model.base_model.model.linear
+    update = linear.surm_delta["default"]
+    asked = []
+    original = type(update).path
+    monkeypatch.setattr(type(update), "path", lambda self, x, folded=False: asked.append(folded) or original(
+        self, x, folded=folded))
+    x = torch.randn(3, 9, dtype=torch.float64)
+    for training in (False, True):
+        model.train(training)
+        asked.clear()
+        linear(x)
+        foldable = not training
+        assert asked == [foldable]
+        path = original(update, x, folded=foldable)
+        plan = linear._plan(update, x, x, (), {})
+        assert plan == ("folded" if foldable and path == "dense" else path)
+
+
 def test_layer_structured_path_never_builds_the_dense_matrix(monkeypatch):
     model = adapted("circulant", {}, "structured")
     for layer in layers(model):

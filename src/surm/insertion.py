@@ -5,7 +5,7 @@ Both are plain ``nn.Module`` objects, independent of PEFT; ``surm.peft`` attache
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +90,9 @@ class DeltaUpdate(nn.Module):
         no answer goes stale. Under ``torch.compile`` the choice is traced (and guarded) as plain code instead.
         """
         tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-        backward = records_gradient(x, *self.matrix.parameters())
+        # Grad mode off (generation) or an input that requires a gradient (training) settles it without walking
+        # the parameters; only a grad-mode call on a constant input asks them.
+        backward = torch.is_grad_enabled() and (x.requires_grad or records_gradient(*self.matrix.parameters()))
         key = (self.execution, tokens, folded, backward, x.device.type)
         if torch.compiler.is_compiling():
             return self._choose(*key)
@@ -104,13 +106,15 @@ class DeltaUpdate(nn.Module):
     def _choose(self, execution: str, tokens: int, folded: bool, backward: bool, device_type: str) -> str:
         return choose_path(execution, self.matrix, tokens, folded=folded, backward=backward, device_type=device_type)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, path: Optional[str] = None) -> Tensor:
         """(..., in_features) -> (..., out_features), in the dtype of x.
 
-        Identity dropout (p = 0, or eval mode) is skipped rather than called: it returns x itself either way.
+        ``path`` is the execution path when the caller has already asked :meth:`path` for x (a layer does, to
+        decide whether to fold); otherwise it is asked here. Identity dropout (p = 0, or eval mode) is skipped
+        rather than called: it returns x itself either way.
         """
         x = _dropped_out(self.dropout, x)
-        if self.path(x) == "dense":
+        if (path or self.path(x)) == "dense":
             dtype = compute_dtype(x, *self.matrix.parameters())
             return F.linear(x.to(dtype), self.delta_weight().to(dtype)).to(x.dtype)
         y = self.matrix(x)

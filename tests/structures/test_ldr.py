@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import surm
+from surm.structures._fft import fast_fft_length
 from surm.structures.ldr import skew_circulant_dense
-
 
 
 def shift(size: int, corner: float) -> torch.Tensor:
@@ -50,3 +50,27 @@ def test_rectangular_is_the_top_left_block_of_the_square(m, n):
     square = surm.structure("ldr", max(m, n), max(m, n), displacement_rank=2).double()
     square.load_state_dict(module.state_dict())
     assert torch.equal(module.dense(), square.dense()[:m, :n])
+
+
+@pytest.mark.parametrize(("m", "n"), [(688, 256), (37, 5), (12, 12), (5, 37)])
+def test_skew_convolution_is_as_short_as_the_input_allows_and_still_exact(m, n):
+    """The linear convolution s * x has N + n - 1 values: a tall M transforms at that length (688 x 256: 960
+    points, not 2N = 1376), and the fold z[:N] - z[N:2N] with the entries past L taken as zero is exact, values
+    and gradients (float64, against the dense form, the batch of rows included)."""
+    torch.manual_seed(0)
+    module = surm.structure("ldr", m, n, displacement_rank=2, init="random").double()
+    size = max(m, n)
+    assert module._skew_length() == fast_fft_length(size + n - 1)
+    assert module._skew_length() < 2 * size or n == size
+    x = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
+    dense_x = x.detach().clone().requires_grad_(True)
+    y, expected = module(x), dense_x @ module.dense().T
+    assert torch.allclose(y, expected, atol=1e-10)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    (expected * weights).sum().backward()
+    assert torch.allclose(x.grad, dense_x.grad, atol=1e-10)
+    for fast, dense in zip(grads, (p.grad for p in module.parameters())):
+        assert torch.allclose(fast, dense, atol=1e-10)

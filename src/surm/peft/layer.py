@@ -184,6 +184,8 @@ class SurmLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("surm_delta", "surm_adapter")
     other_param_names = ()
+    #: The layer types whose product a dense update may be folded into (see :meth:`can_fold`).
+    FOLDABLE = (nn.Linear, Conv1D, nn.Conv2d)
 
     def __init__(
         self,
@@ -212,6 +214,14 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, settings)
+
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped layer, unwrapped through nested tuner layers (PEFT's, without probing the innermost layer
+        for a ``base_layer`` attribute: that probe raises and catches an AttributeError on every forward)."""
+        base = self.base_layer
+        while isinstance(base, BaseTunerLayer):
+            base = base.base_layer
+        return base
 
     def update_layer(self, adapter_name: str, config: SurmConfig, settings: dict[str, Any]) -> None:
         """Create adapter ``adapter_name`` from the resolved per-module ``settings`` (see ``SurmConfig.resolve``)."""
@@ -409,27 +419,24 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         layer's input), and in float32/float64 (adding a small update to a half-precision weight would round it
         away). Everywhere else the update is added to the base output.
         """
+        if args or kwargs or self.quantization_backend is not None or x.dtype not in (torch.float32, torch.float64):
+            return False
         base = self.get_base_layer()
-        weight = getattr(base, "weight", None)
-        return (
-            not args
-            and not kwargs
-            and type(base) in (nn.Linear, Conv1D, nn.Conv2d)
-            and self.quantization_backend is None
-            and not delta.has_dropout
-            and is_plain_float(weight)
-            and weight.dtype in (torch.float32, torch.float64)
-            and x.dtype == weight.dtype
-        )
+        if type(base) not in self.FOLDABLE:
+            return False
+        weight = base.weight
+        return is_plain_float(weight) and x.dtype == weight.dtype and not delta.has_dropout
 
-    def _folds(self, name: str, rows: Tensor, x: Tensor, args: tuple, kwargs: dict) -> bool:
-        """Whether delta adapter ``name`` applies folded into the base product for input ``x`` (``rows``: its
-        input as the delta sees it): its execution path for these rows is dense and :meth:`can_fold` accepts it.
+    def _plan(self, delta: DeltaUpdate, rows: Tensor, x: Tensor, args: tuple, kwargs: dict) -> str:
+        """How delta adapter ``delta`` applies to input ``x`` (``rows``: its input as the delta sees it):
+        ``"folded"`` into the base product, or ``"dense"`` / ``"structured"`` added to the base output.
 
-        The path (a cached lookup) is asked first: when it is structured, as in generation, can_fold is not needed.
+        The execution path is asked for the option that exists: folded dense against structured where
+        :meth:`can_fold` accepts the call, separate dense against structured where it does not.
         """
-        delta = self.surm_delta[name]
-        return delta.path(rows, folded=True) == "dense" and self.can_fold(delta, x, args, kwargs)
+        foldable = self.can_fold(delta, x, args, kwargs)
+        path = delta.path(rows, folded=foldable)
+        return "folded" if foldable and path == "dense" else path
 
     def _forward_folded(self, x: Tensor, names: Sequence[str]) -> Tensor:
         """The base layer's forward with ``W0 + sum_a s_a · dense(M_a)`` over the delta adapters ``names``."""
@@ -463,22 +470,32 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             return self.mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if self.quantization_backend is not None and torch.is_grad_enabled() and x.requires_grad:
             unpack_cpu_packed(self.get_base_layer())  # a repacked 4-bit weight passes no gradient to x
-        active = self.active_adapters
+        deltas, merged = self.surm_delta, self.merged_adapters
         # Merged deltas are already in the base weight; the other active ones still apply (after a partial merge).
-        names = [n for n in active if n in self.surm_delta and n not in self.merged_adapters]
-        rows = self._delta_input(x) if names else x
         # The dense path folds s · dense(M) into the base product (see surm.execution); the rest add their update.
-        folded = [n for n in names if self._folds(n, rows, x, args, kwargs)]
-        if folded:
-            result = self._forward_folded(x, folded)
-        else:
-            result = self.base_layer(x, *args, **kwargs)
-        separate = [self.surm_delta[n] for n in names if n not in folded]
-        adapters = [self.surm_adapter[name] for name in active if name in self.surm_adapter]
+        rows = x
+        folded: list[str] = []
+        separate: list[tuple[DeltaUpdate, str]] = []
+        adapters: list[OutputAdapter] = []
+        for name in self.active_adapters:
+            if name in deltas:
+                if name in merged:
+                    continue
+                if not (folded or separate):
+                    rows = self._delta_input(x)
+                delta = deltas[name]
+                plan = self._plan(delta, rows, x, args, kwargs)
+                if plan == "folded":
+                    folded.append(name)
+                else:
+                    separate.append((delta, plan))
+            elif name in self.surm_adapter:
+                adapters.append(self.surm_adapter[name])
+        result = self._forward_folded(x, folded) if folded else self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None and (separate or adapters):
             result = self.quantization_backend.maybe_clone_base_result(result)  # PEFT copies bnb 4-bit outputs
         if separate:
-            update = _total(delta(rows) for delta in separate)
+            update = _total(delta(rows, path) for delta, path in separate)
             result = result + self._channels_back(update).to(result.dtype)
         if adapters:
             h = self._channels_last(result)
@@ -540,10 +557,12 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         for name, group in groups.items():
             index = slice(None) if len(group) == rows else torch.tensor(group, device=x.device)
             if name in self.surm_delta:
-                if self._folds(name, inputs, x, args, kwargs):
+                delta = self.surm_delta[name]
+                plan = self._plan(delta, inputs, x, args, kwargs)
+                if plan == "folded":
                     output[index] = self._forward_folded(x[index], [name]).to(result.dtype)
                     continue
-                effect = self.surm_delta[name](inputs[index])
+                effect = delta(inputs[index], plan)
             else:
                 effect = self.surm_adapter[name](self._channels_last(result[index]))
             output[index] = result[index] + self._channels_back(effect).to(result.dtype)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ._fft import (
     circular_convolution,
@@ -45,7 +46,7 @@ class LowDisplacementRank(StructuredMatrix):
     and the output truncated to m, as for :class:`~surm.structures.circulant.Circulant`.
 
     Fast apply, O(r N log N), in real FFTs only: Z_{-1}(s) x is the negacyclic convolution of s and x, i.e. the
-    linear convolution z = s * x (a circular one of length L >= 2N, so nothing wraps) folded with a sign,
+    linear convolution z = s * x (a circular one of length L >= N + n - 1, so nothing wraps) folded with a sign,
     ``z[:N] - z[N:2N]`` (the same product as ``D^{-1} Z_1(D s) D x`` with D = diag(ω^k), ω = e^{iπ/N}, without
     complex scalings); each result is then convolved circularly with its c_i (length N) and the r terms summed.
 
@@ -88,8 +89,10 @@ class LowDisplacementRank(StructuredMatrix):
                 self.circulant_columns.zero_()
 
     def _skew_length(self) -> int:
-        """L, the circular length that holds the linear convolution of two length-N vectors (>= 2N, 5-smooth)."""
-        return fast_fft_length(2 * self.size)
+        """L, the circular length that holds the linear convolution s_i * x without wrapping: N + n - 1 values
+        (s_i has N, x its n = in_features; 2N - 1 when n = N), rounded up to a 5-smooth size. A tall M (m > n)
+        thus transforms at about N + n rather than 2N points."""
+        return fast_fft_length(self.size + self.in_features - 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """y = sum_i circ_N(c_i) fold(s_i * x), the fold z[:N] - z[N:2N] of the linear convolution s_i * x.
@@ -111,8 +114,11 @@ class LowDisplacementRank(StructuredMatrix):
         else:
             by_skew = functools.partial(circular_convolution, self.skew_columns.to(dtype))
             by_circulant = functools.partial(circular_convolution, self.circulant_columns.to(dtype))
-        linear = by_skew(h, length)  # (..., r, L)
-        skewed = linear[..., :size] - linear[..., size : 2 * size]  # Z_{-1}(s_i) x, (..., r, N)
+        linear = by_skew(h, length)  # (..., r, L); entries from N + n - 1 on are zero
+        wrapped = linear[..., size : 2 * size]
+        if wrapped.shape[-1] < size:  # L < 2N: the entries past L are zero
+            wrapped = F.pad(wrapped, (0, size - wrapped.shape[-1]))
+        skewed = linear[..., :size] - wrapped  # Z_{-1}(s_i) x, (..., r, N)
         y = by_circulant(skewed, size).sum(dim=-2)
         return y[..., : self.out_features].to(x.dtype)
 
