@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 import surm
+from surm.structures.monarch import FACTOR_MIN_TOKENS
 
 
 
@@ -74,3 +75,33 @@ def test_rank_is_at_most_blocks_times_block_rank(m, n, nblocks, block_rank):
 def test_too_many_blocks_names_the_valid_range():
     with pytest.raises(ValueError, match=r"nblocks=9 exceeds min\(out_features, in_features\)=8; valid: 1\.\.8"):
         surm.structure("monarch", 8, 20, nblocks=9)
+
+
+@pytest.mark.parametrize(("m", "n", "nblocks", "block_rank"), SHAPES_AND_OPTIONS)
+@pytest.mark.parametrize("tokens", [FACTOR_MIN_TOKENS - 1, FACTOR_MIN_TOKENS, 3 * FACTOR_MIN_TOKENS + 1])
+def test_both_forms_match_the_dense_form_in_values_and_gradients(m, n, nblocks, block_rank, tokens):
+    """Fewer than FACTOR_MIN_TOKENS tokens take the blocks, more the factors (N r_b <= 16 in every case here);
+    either way y, dy/dx and dy/dparameters equal those of x M^T in float64, in a (2, tokens / 2, n) batch too."""
+    torch.manual_seed(0)
+    module = surm.structure("monarch", m, n, nblocks=nblocks, block_rank=block_rank, init="random").double()
+    assert module.uses_factors(tokens) == (tokens >= FACTOR_MIN_TOKENS)
+    shape = (2, tokens // 2, n) if tokens % 2 == 0 else (tokens, n)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x_dense = x.detach().clone().requires_grad_(True)
+    y, expected = module(x), x_dense @ module.dense().T
+    assert y.shape == expected.shape and torch.allclose(y, expected, atol=1e-12)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    fast = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    (expected * weights).sum().backward()
+    assert torch.allclose(x.grad, x_dense.grad, atol=1e-12)
+    for got, want in zip(fast, (p.grad for p in module.parameters())):
+        assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_factors_only_where_the_products_stay_thin():
+    assert surm.structure("monarch", 64, 64, nblocks=4, block_rank=4).uses_factors(FACTOR_MIN_TOKENS)
+    assert not surm.structure("monarch", 64, 64, nblocks=8, block_rank=4).uses_factors(10 * FACTOR_MIN_TOKENS)
+    assert not surm.structure("monarch", 64, 64, nblocks=2, block_rank=2).uses_factors(FACTOR_MIN_TOKENS - 1)
+    assert not surm.structure("monarch", 64, 64).uses_factors(0)  # an empty batch takes the blocks: no work at all

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +12,16 @@ from torch.nn import functional as F
 from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
 from ..validation import require_positive_int
 from .options import Option, require_size_option
+
+
+#: Largest N r_b at which the factor form is used: its products then have inner size <= 16, which runs near the rate
+#: of LoRA's rank-16 products (see :data:`~surm.structures.base.THIN_DIMENSION`). Measured on the reference CPU,
+#: forward and backward of 256 tokens: 4 x 4 blocks at 5632 x 2048 take 2.9 ms as factors and 5.5 ms as blocks,
+#: at 1536 x 384 with 2048 tokens 5.5 and 15.7 ms; 8 x 8 blocks (N r_b = 64) are a tie, 16 x 8 lose as factors.
+FACTOR_RANK_LIMIT = 16
+#: Fewest tokens of a call for the factor form: with one to a few tokens (generation) building L' and R' costs more
+#: than the products (at 5632 x 2048, one token: 0.16 ms as factors, 0.06 ms as blocks; the two tie near 16-64).
+FACTOR_MIN_TOKENS = 64
 
 
 class Monarch(StructuredMatrix):
@@ -22,8 +33,16 @@ class Monarch(StructuredMatrix):
     (block l of L reads entry l of every block of R), P_out is ``(l s) -> (s l)``. rank(M) <=
     min(N r_b, m, n): at the parameter count of LoRA rank r_b it can reach rank N r_b.
 
-    Applied as two ``bmm`` calls over the N blocks. Parameters: ``r_b (N p + N s)``, i.e. r_b (n + m)
-    when N divides both. Init ``"zero"`` (MoRe's): L = 0, R Kaiming-uniform per block.
+    Applied in one of two forms with the same values. *Blocks*: two ``bmm`` calls over the N blocks (r_b (n + m)
+    multiply-adds per token) with the permutations as copies. *Factors*: M = L' R' with R' = blockdiag(R_j)
+    (N r_b x n) and L' = P_out blockdiag(L_l) P_mid (m x N r_b), the two matrices :meth:`dense` multiplies; x R'^T
+    L'^T is then two plain products of inner size n and N r_b, the shape of a LoRA of rank N r_b, N times the
+    multiply-adds of the blocks but no thin batched products and no permutation copies. The factors are used when
+    N r_b <= :data:`FACTOR_RANK_LIMIT` and a call has at least :data:`FACTOR_MIN_TOKENS` tokens (below that,
+    building L' and R' costs more than it saves); the blocks otherwise.
+
+    Parameters: ``r_b (N p + N s)``, i.e. r_b (n + m) when N divides both. Init ``"zero"`` (MoRe's): L = 0, R
+    Kaiming-uniform per block.
 
     Args:
         out_features: m.
@@ -69,37 +88,67 @@ class Monarch(StructuredMatrix):
             with torch.no_grad():
                 self.left.zero_()
 
+    def uses_factors(self, tokens: int) -> bool:
+        """Whether a call on ``tokens`` rows applies the factor form (see the class docstring)."""
+        return self.nblocks * self.block_rank <= FACTOR_RANK_LIMIT and tokens >= FACTOR_MIN_TOKENS
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        nblocks, rank, p, s = self.nblocks, self.block_rank, self.block_in, self.block_out
         dtype = compute_dtype(x, self.right)
+        h = x.to(dtype)
+        if self.uses_factors(x.numel() // self.in_features):
+            left, right = self.factors(dtype)
+            y = F.linear(F.linear(h, right), left)
+        else:
+            y = self._apply_blocks(h)
+        return y.to(x.dtype)
+
+    def _apply_blocks(self, x: Tensor) -> Tensor:
+        """M x by two ``bmm`` over the blocks, the permutations as reshapes (the blocks form)."""
+        nblocks, rank, p, s = self.nblocks, self.block_rank, self.block_in, self.block_out
         lead = x.shape[:-1]
-        h = x.to(dtype).reshape(-1, self.in_features)
+        h = x.reshape(-1, self.in_features)
         if nblocks * p != self.in_features:  # pad only when needed: the copy would be saved for backward
             h = F.pad(h, (0, nblocks * p - self.in_features))
         batch = h.shape[0]
-        h = torch.bmm(h.view(batch, nblocks, p).transpose(0, 1), self.right.to(dtype).transpose(1, 2))  # (N, b, r_b)
+        h = torch.bmm(h.view(batch, nblocks, p).transpose(0, 1), self.right.to(x.dtype).transpose(1, 2))  # (N, b, r_b)
         # P_mid: the flat (k r) layout read as (r k); block l of L takes entry l of every R block.
         h = h.transpose(0, 1).reshape(batch, rank, nblocks).permute(2, 0, 1)  # (N, b, r_b)
-        h = torch.bmm(h, self.left.to(dtype).transpose(1, 2))  # (N, b, s)
+        h = torch.bmm(h, self.left.to(x.dtype).transpose(1, 2))  # (N, b, s)
         y = h.permute(1, 2, 0).reshape(batch, s * nblocks)  # P_out: (l s) -> (s l)
-        return y[:, : self.out_features].reshape(*lead, self.out_features).to(x.dtype)
+        return y[:, : self.out_features].reshape(*lead, self.out_features)
+
+    def factors(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+        """(L', R'), of shapes (m, N r_b) and (N r_b, n), with M = L' R' (in ``dtype``, default the parameters').
+
+        Entry (t N + l, j p + q) of P_out L P_mid R is sum_a L_l[t, a] R_j[r, q] over the a with a N + l = j r_b + r
+        (the P_mid reading), so R' = blockdiag(R_j) and L' holds L_l[t, a] at row t N + l, column a N + l. Both are
+        built with an identity factor, not a loop over blocks.
+        """
+        nblocks, rank, p, s = self.nblocks, self.block_rank, self.block_in, self.block_out
+        right, left = self.right, self.left
+        if dtype is not None:
+            right, left = right.to(dtype), left.to(dtype)
+        eye = torch.eye(nblocks, dtype=right.dtype, device=right.device)
+        right = torch.einsum("jrq,jk->jrkq", right, eye).reshape(nblocks * rank, nblocks * p)
+        left = torch.einsum("lta,lk->tlak", left, eye).reshape(s * nblocks, rank * nblocks)
+        return left[: self.out_features], right[:, : self.in_features]
 
     def dense(self) -> Tensor:
-        # Entry (t N + l, j p + q) of P_out L P_mid R is sum_a L_l[t, a] R_j[r, q] over the a with
-        # a N + l = j r_b + r (the P_mid reading), so M = L' R' with R' = blockdiag(R_j) and L' holding L_l[t, a]
-        # at row t N + l, column a N + l. Both are built with an identity factor, not a loop over blocks.
-        nblocks, rank, p, s = self.nblocks, self.block_rank, self.block_in, self.block_out
-        eye = torch.eye(nblocks, dtype=self.right.dtype, device=self.right.device)
-        right = torch.einsum("jrq,jk->jrkq", self.right, eye).reshape(nblocks * rank, nblocks * p)
-        left = torch.einsum("lta,lk->tlak", self.left, eye).reshape(s * nblocks, rank * nblocks)
-        return (left[: self.out_features] @ right)[:, : self.in_features]
+        left, right = self.factors()
+        return left @ right
 
     def num_parameters(self) -> int:
         return self.block_rank * self.nblocks * (self.block_in + self.block_out)
 
     def structured_cost(self, tokens: int, backward: bool) -> Cost:
         nblocks, rank, p, s = self.nblocks, self.block_rank, self.block_in, self.block_out
+        if self.uses_factors(tokens):
+            inner = nblocks * rank
+            flops = 2 * tokens * inner * (self.in_features + self.out_features)
+            building = inner * (nblocks * p + nblocks * s)  # L' and R', N times the parameters
+            return Cost(small_gemm=thin_flops((3 if backward else 1) * flops, inner),
+                        elementwise=(2 if backward else 1) * building)
         flops = 2 * tokens * nblocks * rank * (p + s)
         copies = tokens * (nblocks * p if nblocks * p != self.in_features else 0) + tokens * nblocks * (2 * rank + s)
         small = thin_flops((3 if backward else 1) * flops, rank)
