@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from .execution import check_execution, choose_path
 from .structures import StructuredMatrix, structure
 from .structures._reuse import records_gradient
-from .structures.base import compute_dtype
+from .structures.base import cast, compute_dtype
 from .validation import is_int
 
 _ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "identity": lambda h: h}
@@ -116,7 +116,7 @@ class DeltaUpdate(nn.Module):
         x = _dropped_out(self.dropout, x)
         if (path or self.path(x)) == "dense":
             dtype = compute_dtype(x, *self.matrix.parameters())
-            return F.linear(x.to(dtype), self.delta_weight().to(dtype)).to(x.dtype)
+            return cast(F.linear(cast(x, dtype), cast(self.delta_weight(), dtype)), x.dtype)
         y = self.matrix(x)
         return y if self.alpha == 1.0 else self.alpha * y
 

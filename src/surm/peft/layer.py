@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..insertion import DeltaUpdate, OutputAdapter
 from ..structures import structure
+from ..structures.base import cast
 from .config import SurmConfig
 
 SUPPORTED_LAYERS = (
@@ -496,10 +497,10 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             result = self.quantization_backend.maybe_clone_base_result(result)  # PEFT copies bnb 4-bit outputs
         if separate:
             update = _total(delta(rows, path) for delta, path in separate)
-            result = result + self._channels_back(update).to(result.dtype)
+            result = result + cast(self._channels_back(update), result.dtype)
         if adapters:
             h = self._channels_last(result)
-            result = result + self._channels_back(_total(adapter(h) for adapter in adapters)).to(result.dtype)
+            result = result + cast(self._channels_back(_total(adapter(h) for adapter in adapters)), result.dtype)
         return result
 
     def mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str], *args: Any, **kwargs: Any) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ._fft import circulant_dense, circular_convolution, circular_convolution_work, convolve_spectrum
 from ._reuse import ParameterCache, reusable
-from .base import Cost, Init, StructuredMatrix, check_combination, compute_dtype, same_options
+from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, same_options
 from .options import PARAMETERIZATION, Parameterization
 
 
@@ -78,12 +78,12 @@ class Circulant(StructuredMatrix):
         params = (self.column,) if self.factor is None else (self.column, self.factor)
         if reusable(x, params, self.training):
             spectrum = self._spectra.get(
-                params, dtype, lambda: torch.fft.rfft(self.first_column().to(dtype), n=self.size)
+                params, dtype, lambda: torch.fft.rfft(cast(self.first_column(), dtype), n=self.size)
             )
-            y = convolve_spectrum(spectrum, x.to(dtype), self.size)
+            y = convolve_spectrum(spectrum, cast(x, dtype), self.size)
         else:
-            y = circular_convolution(self.first_column().to(dtype), x.to(dtype), self.size)
-        return y[..., : self.out_features].to(x.dtype)
+            y = circular_convolution(cast(self.first_column(), dtype), cast(x, dtype), self.size)
+        return cast(y if y.shape[-1] == self.out_features else y[..., : self.out_features], x.dtype)
 
     def dense(self) -> Tensor:
         return circulant_dense(self.first_column(), self.out_features, self.in_features)

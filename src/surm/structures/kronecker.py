@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import (Cost, Init, StructuredMatrix, check_combination, compute_dtype, declared_options, kaiming_uniform_,
-                   same_options, thin_flops)
+from .base import (Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, declared_options,
+                   kaiming_uniform_, same_options, thin_flops)
 from ..validation import require_positive_int
 from .options import Option, divisor_nearest_sqrt, divisors, require_size_option
 
@@ -113,10 +113,10 @@ class Kronecker(StructuredMatrix):
         (m1, n1), (m2, n2) = self.factors, self.second_shape
         dtype = compute_dtype(x, self.first)
         lead = x.shape[:-1]
-        grid = x.to(dtype).reshape(-1, 1, n1, n2)  # (b, 1, n1, n2)
-        h = grid @ self.second.to(dtype).transpose(1, 2)  # (b, K, n1, m2): X B_k^T
-        y = (self.first.to(dtype) @ h).sum(dim=1)  # (b, m1, m2): sum_k A_k X B_k^T
-        return y.reshape(*lead, m1 * m2).to(x.dtype)
+        grid = cast(x, dtype).reshape(-1, 1, n1, n2)  # (b, 1, n1, n2)
+        h = grid @ cast(self.second, dtype).transpose(1, 2)  # (b, K, n1, m2): X B_k^T
+        y = (cast(self.first, dtype) @ h).sum(dim=1)  # (b, m1, m2): sum_k A_k X B_k^T
+        return cast(y.reshape(*lead, m1 * m2), x.dtype)
 
     def dense(self) -> Tensor:
         # kron(A, B)[a m2 + b, c n2 + d] = A[a, c] B[b, d], summed over the K terms in the same contraction.

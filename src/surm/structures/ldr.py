@@ -19,7 +19,7 @@ from ._fft import (
     toeplitz_dense,
 )
 from ._reuse import ParameterCache, reusable
-from .base import Cost, Init, StructuredMatrix, check_combination, compute_dtype, declared_options
+from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, declared_options
 from .options import Option, require_size_option
 
 #: Standard deviation of the skew-circulant vectors in the SURM code's init.
@@ -102,25 +102,25 @@ class LowDisplacementRank(StructuredMatrix):
         self._check_input(x)
         size, length = self.size, self._skew_length()
         dtype = compute_dtype(x, self.circulant_columns)
-        h = x.to(dtype).unsqueeze(-2)
+        h = cast(x, dtype).unsqueeze(-2)
         params = (self.skew_columns, self.circulant_columns)
         if reusable(x, params, self.training):
             skew_hat, circulant_hat = self._spectra.get(params, dtype, lambda: (
-                torch.fft.rfft(self.skew_columns.to(dtype), n=length),
-                torch.fft.rfft(self.circulant_columns.to(dtype), n=size),
+                torch.fft.rfft(cast(self.skew_columns, dtype), n=length),
+                torch.fft.rfft(cast(self.circulant_columns, dtype), n=size),
             ))
             by_skew = functools.partial(convolve_spectrum, skew_hat)
             by_circulant = functools.partial(convolve_spectrum, circulant_hat)
         else:
-            by_skew = functools.partial(circular_convolution, self.skew_columns.to(dtype))
-            by_circulant = functools.partial(circular_convolution, self.circulant_columns.to(dtype))
+            by_skew = functools.partial(circular_convolution, cast(self.skew_columns, dtype))
+            by_circulant = functools.partial(circular_convolution, cast(self.circulant_columns, dtype))
         linear = by_skew(h, length)  # (..., r, L); entries from N + n - 1 on are zero
         wrapped = linear[..., size : 2 * size]
         if wrapped.shape[-1] < size:  # L < 2N: the entries past L are zero
             wrapped = F.pad(wrapped, (0, size - wrapped.shape[-1]))
         skewed = linear[..., :size] - wrapped  # Z_{-1}(s_i) x, (..., r, N)
         y = by_circulant(skewed, size).sum(dim=-2)
-        return y[..., : self.out_features].to(x.dtype)
+        return cast(y if y.shape[-1] == self.out_features else y[..., : self.out_features], x.dtype)
 
     def square_dense(self) -> Tensor:
         """The N x N matrix sum_i Z_1(c_i) Z_{-1}(s_i) before truncation to (m, n).

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import (Cost, Init, StructuredMatrix, check_combination, compute_dtype, declared_options, kaiming_uniform_,
-                   thin_flops)
+from .base import (Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, declared_options,
+                   kaiming_uniform_, thin_flops)
 from .options import Option, require_size_option
 
 
@@ -54,8 +54,8 @@ class LowRank(StructuredMatrix):
         self._check_input(x)
         dtype = compute_dtype(x, self.down)
         # F.linear(x, W) is x @ W.T (the same matmul kernel, same values) without a separate transpose op per factor.
-        h = F.linear(x.to(dtype), self.down.to(dtype))
-        return F.linear(h, self.up.to(dtype)).to(x.dtype)
+        h = F.linear(cast(x, dtype), cast(self.down, dtype))
+        return cast(F.linear(h, cast(self.up, dtype)), x.dtype)
 
     def dense(self) -> Tensor:
         return self.up @ self.down

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Cost, Init, StructuredMatrix, compute_dtype, kaiming_uniform_, thin_flops
+from .base import Cost, Init, StructuredMatrix, cast, compute_dtype, kaiming_uniform_, thin_flops
 from ..validation import require_positive_int
 from .options import Option, require_size_option
 
@@ -95,13 +95,13 @@ class Monarch(StructuredMatrix):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         dtype = compute_dtype(x, self.right)
-        h = x.to(dtype)
+        h = cast(x, dtype)
         if self.uses_factors(x.numel() // self.in_features):
             left, right = self.factors(dtype)
             y = F.linear(F.linear(h, right), left)
         else:
             y = self._apply_blocks(h)
-        return y.to(x.dtype)
+        return cast(y, x.dtype)
 
     def _apply_blocks(self, x: Tensor) -> Tensor:
         """M x by two ``bmm`` over the blocks, the permutations as reshapes (the blocks form)."""
@@ -111,10 +111,11 @@ class Monarch(StructuredMatrix):
         if nblocks * p != self.in_features:  # pad only when needed: the copy would be saved for backward
             h = F.pad(h, (0, nblocks * p - self.in_features))
         batch = h.shape[0]
-        h = torch.bmm(h.view(batch, nblocks, p).transpose(0, 1), self.right.to(x.dtype).transpose(1, 2))  # (N, b, r_b)
+        right = cast(self.right, x.dtype).transpose(1, 2)
+        h = torch.bmm(h.view(batch, nblocks, p).transpose(0, 1), right)  # (N, b, r_b)
         # P_mid: the flat (k r) layout read as (r k); block l of L takes entry l of every R block.
         h = h.transpose(0, 1).reshape(batch, rank, nblocks).permute(2, 0, 1)  # (N, b, r_b)
-        h = torch.bmm(h, self.left.to(x.dtype).transpose(1, 2))  # (N, b, s)
+        h = torch.bmm(h, cast(self.left, x.dtype).transpose(1, 2))  # (N, b, s)
         y = h.permute(1, 2, 0).reshape(batch, s * nblocks)  # P_out: (l s) -> (s l)
         return y[:, : self.out_features].reshape(*lead, self.out_features)
 
@@ -128,7 +129,7 @@ class Monarch(StructuredMatrix):
         nblocks, rank, p, s = self.nblocks, self.block_rank, self.block_in, self.block_out
         right, left = self.right, self.left
         if dtype is not None:
-            right, left = right.to(dtype), left.to(dtype)
+            right, left = cast(right, dtype), cast(left, dtype)
         eye = torch.eye(nblocks, dtype=right.dtype, device=right.device)
         right = torch.einsum("jrq,jk->jrkq", right, eye).reshape(nblocks * rank, nblocks * p)
         left = torch.einsum("lta,lk->tlak", left, eye).reshape(s * nblocks, rank * nblocks)

@@ -18,7 +18,7 @@ from ._fft import (
     toeplitz_spectrum,
 )
 from ._reuse import ParameterCache, reusable
-from .base import Cost, Init, StructuredMatrix, check_combination, compute_dtype, same_options
+from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, same_options
 from .options import PARAMETERIZATION, Parameterization
 
 #: Standard deviation of the non-zero factor in the SURM code's product init.
@@ -113,19 +113,19 @@ class Toeplitz(StructuredMatrix):
         self._check_input(x)
         dtype = compute_dtype(x, self.outer_values)
         factors = self._factors()
-        h = x.to(dtype)
+        h = cast(x, dtype)
         params = [values for values, _, _ in factors]
         if reusable(x, params, self.training):
             spectra = self._spectra.get(params, dtype, lambda: [
-                toeplitz_spectrum(self._diagonals(values.to(dtype), rows, cols), rows, cols)
+                toeplitz_spectrum(self._diagonals(cast(values, dtype), rows, cols), rows, cols)
                 for values, rows, cols in factors
             ])
             for spectrum, (_, rows, cols) in zip(spectra, factors):
                 h = apply_toeplitz_spectrum(spectrum, h, rows, cols)
         else:
             for values, rows, cols in factors:
-                h = apply_toeplitz(self._diagonals(values.to(dtype), rows, cols), h, rows, cols)
-        return h.to(x.dtype)
+                h = apply_toeplitz(self._diagonals(cast(values, dtype), rows, cols), h, rows, cols)
+        return cast(h, x.dtype)
 
     def dense(self) -> Tensor:
         m, n, k = self.out_features, self.in_features, self.inner
