@@ -11,6 +11,8 @@ from torch.nn import functional as F
 import surm
 from surm.structures.monarch import FACTOR_MIN_TOKENS
 
+from ..checks import assert_matches_dense
+
 
 
 def more_reference(x: torch.Tensor, right: torch.Tensor, left: torch.Tensor, m: int) -> torch.Tensor:
@@ -86,18 +88,7 @@ def test_both_forms_match_the_dense_form_in_values_and_gradients(m, n, nblocks, 
     module = surm.structure("monarch", m, n, nblocks=nblocks, block_rank=block_rank, init="random").double()
     assert module.uses_factors(tokens) == (tokens >= FACTOR_MIN_TOKENS)
     shape = (2, tokens // 2, n) if tokens % 2 == 0 else (tokens, n)
-    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    x_dense = x.detach().clone().requires_grad_(True)
-    y, expected = module(x), x_dense @ module.dense().T
-    assert y.shape == expected.shape and torch.allclose(y, expected, atol=1e-12)
-    weights = torch.randn_like(y)
-    (y * weights).sum().backward()
-    fast = [p.grad.clone() for p in module.parameters()]
-    module.zero_grad()
-    (expected * weights).sum().backward()
-    assert torch.allclose(x.grad, x_dense.grad, atol=1e-12)
-    for got, want in zip(fast, (p.grad for p in module.parameters())):
-        assert torch.allclose(got, want, atol=1e-12)
+    assert_matches_dense(module, torch.randn(*shape, dtype=torch.float64), atol=1e-12)
 
 
 def test_factors_only_where_the_products_stay_thin():
