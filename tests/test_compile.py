@@ -77,6 +77,9 @@ def _cpp_compiler() -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
+# The FFT families' complex products run as eager kernels inside the compiled graph; inductor says so when it
+# lowers them (only when its on-disk cache misses, so the warning comes and goes between machines).
+@pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex operators")
 def test_inductor_compiles_every_family(device):
     """One module holding every family (both paths), compiled once by inductor (C++ on CPU, Triton on CUDA), equal
     to eager."""

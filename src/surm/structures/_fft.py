@@ -9,7 +9,6 @@ where plain autograd's backward of ``rfft`` goes through a full-length complex F
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -18,13 +17,24 @@ from torch import Tensor
 from ._reuse import records_gradient
 
 
-@functools.lru_cache(maxsize=1024)
+#: fast_fft_length's answers, by minimum: the search takes up to tens of microseconds (1375 -> 1440: 20 us), and the
+#: FFT families ask for their lengths on every call.
+_FAST_LENGTHS: dict[int, int] = {}
+
+
 def fast_fft_length(minimum: int) -> int:
     """The smallest 5-smooth integer (2^a 3^b 5^c) >= ``minimum``: FFT sizes pocketfft and cuFFT run fastest on.
 
-    Remembered per ``minimum``: the search takes up to tens of microseconds (1375 -> 1440: 20 us), and the FFT
-    families ask for their lengths on every call.
+    Remembered per ``minimum`` (in a plain dict, which ``torch.compile`` traces through, where it warns about an
+    ``lru_cache``).
     """
+    length = _FAST_LENGTHS.get(minimum)
+    if length is None:
+        length = _FAST_LENGTHS[minimum] = _smallest_5_smooth(minimum)
+    return length
+
+
+def _smallest_5_smooth(minimum: int) -> int:
     n = max(1, minimum)
     while True:
         m = n
