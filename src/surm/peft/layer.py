@@ -474,7 +474,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         deltas, merged = self.surm_delta, self.merged_adapters
         # Merged deltas are already in the base weight; the other active ones still apply (after a partial merge).
         # The dense path folds s · dense(M) into the base product (see surm.execution); the rest add their update.
-        rows = x
+        rows: Optional[Tensor] = None  # the deltas' input, built for the first delta that applies
         folded: list[str] = []
         separate: list[tuple[DeltaUpdate, str]] = []
         adapters: list[OutputAdapter] = []
@@ -482,7 +482,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             if name in deltas:
                 if name in merged:
                     continue
-                if not (folded or separate):
+                if rows is None:
                     rows = self._delta_input(x)
                 delta = deltas[name]
                 plan = self._plan(delta, rows, x, args, kwargs)
@@ -561,12 +561,12 @@ class SurmLayer(nn.Module, BaseTunerLayer):
                 delta = self.surm_delta[name]
                 plan = self._plan(delta, inputs, x, args, kwargs)
                 if plan == "folded":
-                    output[index] = self._forward_folded(x[index], [name]).to(result.dtype)
+                    output[index] = cast(self._forward_folded(x[index], [name]), result.dtype)
                     continue
                 effect = delta(inputs[index], plan)
             else:
                 effect = self.surm_adapter[name](self._channels_last(result[index]))
-            output[index] = result[index] + self._channels_back(effect).to(result.dtype)
+            output[index] = result[index] + cast(self._channels_back(effect), result.dtype)
         return output
 
     def extra_repr(self) -> str:
