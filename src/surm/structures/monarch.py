@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._reuse import ParameterCache, reusable
 from .base import Cost, Init, StructuredMatrix, cast, compute_dtype, kaiming_uniform_, thin_flops
 from ..validation import require_positive_int
 from .options import Option, require_size_option
@@ -39,7 +40,10 @@ class Monarch(StructuredMatrix):
     L'^T is then two plain products of inner size n and N r_b, the shape of a LoRA of rank N r_b, N times the
     multiply-adds of the blocks but no thin batched products and no permutation copies. The factors are used when
     N r_b <= :data:`FACTOR_RANK_LIMIT` and a call has at least :data:`FACTOR_MIN_TOKENS` tokens (below that,
-    building L' and R' costs more than it saves); the blocks otherwise.
+    building L' and R' costs more than it saves); the blocks otherwise. A call that records no gradient in eval mode
+    (generation) reuses L' and R' from the previous such call while the parameters are unchanged (see
+    :mod:`~surm.structures._reuse`; they hold N times the parameters, the size of a LoRA of rank N r_b), so it
+    takes the factor form with any number of tokens when N r_b <= :data:`FACTOR_RANK_LIMIT`.
 
     Parameters: ``r_b (N p + N s)``, i.e. r_b (n + m) when N divides both. Init ``"zero"`` (MoRe's): L = 0, R
     Kaiming-uniform per block.
@@ -78,6 +82,7 @@ class Monarch(StructuredMatrix):
         self.block_out = math.ceil(out_features / nblocks)  # s
         self.right = nn.Parameter(torch.empty(nblocks, block_rank, self.block_in))  # R_j
         self.left = nn.Parameter(torch.empty(nblocks, self.block_out, block_rank))  # L_j
+        self._factor_cache: ParameterCache[tuple[Tensor, Tensor]] = ParameterCache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -96,7 +101,11 @@ class Monarch(StructuredMatrix):
         self._check_input(x)
         dtype = compute_dtype(x, self.right)
         h = cast(x, dtype)
-        if self.uses_factors(x.numel() // self.in_features):
+        params = (self.right, self.left)
+        if self.nblocks * self.block_rank <= FACTOR_RANK_LIMIT and reusable(x, params, self.training):
+            left, right = self._factor_cache.get(params, dtype, lambda: self.factors(dtype))
+            y = F.linear(F.linear(h, right), left)
+        elif self.uses_factors(x.numel() // self.in_features):
             left, right = self.factors(dtype)
             y = F.linear(F.linear(h, right), left)
         else:
