@@ -2,9 +2,11 @@
 
 A generating model calls every adapted layer once per new token with the same parameters; the FFT families would
 otherwise rebuild their kernels' spectra (and the Toeplitz circulant embedding) on each call, which costs as much as
-applying them to one token. :class:`ParameterCache` keeps one such value, computed from a few parameters, and hands
-it back while the parameters are provably unchanged. Only parameter-sized values are kept (spectra of length
-L/2 + 1 per kernel), never a dense matrix, so the memory stays O(parameters).
+applying them to one token, and Monarch would run its blocks' thin batched products where two plain ones on its
+factors L' R' do. :class:`ParameterCache` keeps one such value, computed from a few parameters, and hands it back
+while the parameters are provably unchanged. Only values of the parameters' order are kept (spectra of length
+L/2 + 1 per kernel; Monarch's factors, N times its parameters), never a dense matrix, so the memory stays
+O(parameters).
 """
 
 from __future__ import annotations
