@@ -19,7 +19,8 @@ class Kronecker(StructuredMatrix):
     """M = sum_{k=1..K} A_k ⊗ B_k, A_k in R^{m1 x n1}, B_k in R^{m2 x n2}, m = m1 m2, n = n1 n2.
 
     Applied without forming M: with x reshaped row-major to X in R^{n1 x n2},
-    ``(A ⊗ B) vec(X) = vec(A X B^T)``, two small matmuls per term (all K terms batched).
+    ``(A ⊗ B) vec(X) = vec(A X B^T)``: two plain products for all K terms together, ``H = X [B_1; ..; B_K]^T``
+    (n1 x K m2 per token), then ``Y = [A_1 .. A_K] H'`` with H' the same numbers regrouped by (k, i) (one copy).
 
     Factor shapes (exact divisors of m and n, no padding):
 
