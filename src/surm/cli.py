@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...)")
     compare_.add_argument("--output", type=Path, default=Path("runs/compare"))
     compare_.add_argument("--quick", action="store_true", help="the main job's preset (default when no flag is given)")
-    compare_.add_argument("--jobs", type=int, default=1, help="runs at the same time (GPU); 1 keeps times comparable")
+    compare_.add_argument("--jobs", type=int, default=1,
+                          help="runs at the same time, the CPUs divided between them; 1 keeps times comparable")
     compare_.add_argument("--tune-lr", type=int, default=0, metavar="N",
                           help="choose each method's learning rate on the validation split among N rates of the "
                           "1-3 ladder centred on its default (tuning runs never read the test split), then run the "

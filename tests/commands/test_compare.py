@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from surm.commands.compare import MethodSpec, Protocol, frontier_plot, pareto_front, parse_methods, recall_table, \
-    summarise, text_box
+from surm.commands.compare import THREAD_VARIABLES, MethodSpec, Protocol, child_environment, frontier_plot, \
+    pareto_front, parse_methods, recall_table, summarise, text_box
 from surm.commands.compare import compare as compare_runs
 from surm.settings import RunSettings
 
@@ -98,6 +98,18 @@ def test_a_protocol_that_does_not_apply_is_refused_before_any_run(tmp_path, prot
 
 
 # -- the plot -------------------------------------------------------------------------------------------------------
+
+
+def test_parallel_runs_divide_the_cpus_unless_the_user_set_the_threads(monkeypatch):
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert not set(THREAD_VARIABLES) & set(child_environment(1, cpus=8))  # one job: PyTorch's own default
+    assert {name: child_environment(2, cpus=8)[name] for name in THREAD_VARIABLES} == dict.fromkeys(
+        THREAD_VARIABLES, "4")
+    assert child_environment(3, cpus=2)["OMP_NUM_THREADS"] == "1"  # never below one
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    kept = child_environment(2, cpus=8)
+    assert kept["OMP_NUM_THREADS"] == "2" and "MKL_NUM_THREADS" not in kept
 
 
 def test_pareto_front():
