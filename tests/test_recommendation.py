@@ -95,7 +95,11 @@ def test_the_built_adapter_stays_within_the_budget(minilm, budget):
     (7_372, "circulant", ["attention.self.query", "attention.self.value", "attention.output.dense"], 1e-3),
     (4_608, "circulant", ["attention.self.query", "attention.self.value"], 1e-3),
     (73_728, "monarch", ["attention.self.query", "attention.self.value", "attention.output.dense",
-                         "attention.self.key"], 3e-3),
+                         "attention.self.key", "intermediate.dense", "output.dense"], 1e-2),
+    (41_472, "monarch", ["attention.self.query", "attention.self.value", "attention.output.dense",
+                         "attention.self.key", "intermediate.dense", "output.dense"], 1e-2),
+    (41_471, "circulant", ["attention.self.query", "attention.self.value", "attention.output.dense",
+                           "attention.self.key", "intermediate.dense", "output.dense"], 1e-3),
 ])
 def test_the_documented_recommendations(minilm, budget, structure, targets, lr):
     """docs/recommend.md's table."""
@@ -130,6 +134,15 @@ def test_the_recommendation_is_deterministic(minilm):
                            timeout=300, check=True)
     assert json.loads(child.stdout.strip().splitlines()[-1]) == {
         str(b): sorted(c["target_modules"]) + [c["structure"]] for b, c in here.items()}
+
+
+def test_a_recipe_whose_options_do_not_fit_the_layers_is_passed_over():
+    """16 Monarch blocks need at least 16 inputs and outputs: on 8-channel layers the rule falls through to
+    circulant, whatever the budget."""
+    model = nn.Module()
+    model.blocks = nn.ModuleList([Block(8), Block(8)])
+    recipe, targets = recommended_recipe(model, 10 ** 6)
+    assert (recipe.family, targets) == ("circulant", ["conv_pw"])
 
 
 def test_richest_recipe_first():
