@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from surm.commands.compare import THREAD_VARIABLES, MethodSpec, Protocol, child_environment, frontier_plot, \
-    pareto_front, parse_methods, recall_table, summarise, text_box
+from surm.commands.compare import LABEL_WIDTH, THREAD_VARIABLES, MethodSpec, Protocol, child_environment, \
+    frontier_plot, pareto_front, parse_methods, plot_label, recall_table, summarise, text_box
 from surm.commands.compare import compare as compare_runs
 from surm.settings import RunSettings
 
@@ -117,6 +117,17 @@ def test_pareto_front():
     assert pareto_front(points) == [1, 3]
 
 
+#: A method with its targets, as a comparison names it: too long for one line beside its point.
+LONG_LABEL = "monarch block_rank=1 nblocks=16 on query,key,value,attention.output.dense,intermediate.dense,output.dense"
+
+
+def test_plot_labels_are_wrapped_at_spaces_and_after_commas_keeping_every_character():
+    assert plot_label("lora") == "lora"
+    wrapped = plot_label(LONG_LABEL)
+    assert all(len(line) <= LABEL_WIDTH for line in wrapped.split("\n")) and wrapped.count("\n") >= 2
+    assert wrapped.replace(",\n", ",").replace("\n", " ") == LONG_LABEL
+
+
 def plotted_rows():
     """The main job's situation: several methods with the same parameter count and nearly the same accuracy."""
     rows = []
@@ -124,7 +135,7 @@ def plotted_rows():
             ("circulant", 5_378, 0.8095), ("symmetric_toeplitz", 5_378, 0.8096), ("ldr", 9_986, 0.8083),
             ("lokr", 8_450, 0.8149), ("toeplitz", 9_974, 0.8247), ("kronecker", 10_754, 0.8253),
             ("circulant adapter", 9_986, 0.8155), ("lora", 74_498, 0.8420), ("lowrank", 74_498, 0.8420),
-            ("full", 22_713_986, 0.8644)]):
+            ("full", 22_713_986, 0.8644), (LONG_LABEL, 42_242, 0.8325)]):
         rows.append({"label": label, "trainable_params": params, "accuracy_mean": accuracy,
                      "accuracy_std": 0.01 * (index % 3)})
     return rows
@@ -151,7 +162,7 @@ def test_labels_never_overlap_and_the_front_is_drawn(tmp_path, monkeypatch):
     rows = plotted_rows()
     frontier_plot(rows, tmp_path / "frontier.png", "a title")
     assert (tmp_path / "frontier.png").read_bytes().startswith(b"\x89PNG")
-    assert [text.get_text() for text in drawn["labels"]] == [row["label"] for row in rows]
+    assert [text.get_text() for text in drawn["labels"]] == [plot_label(row["label"]) for row in rows]
     boxes = drawn["boxes"]
     overlapping = [(rows[i]["label"], rows[j]["label"]) for i in range(len(boxes)) for j in range(i)
                    if boxes[i].overlaps(boxes[j])]
@@ -162,7 +173,7 @@ def test_labels_never_overlap_and_the_front_is_drawn(tmp_path, monkeypatch):
         assert area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1
         x, y = drawn["transform"](anchor)
         assert box.x0 - 100 < x < box.x1 + 100 and box.y0 - 100 < y < box.y1 + 100
-    expected = ["symmetric_toeplitz", "lokr", "toeplitz", "kronecker", "lora", "full"]  # each beats all cheaper
+    expected = ["symmetric_toeplitz", "lokr", "toeplitz", "kronecker", LONG_LABEL, "lora", "full"]  # beat all cheaper
     front = [[row["trainable_params"], 100 * row["accuracy_mean"]] for label in expected for row in rows
              if row["label"] == label]
     line = drawn["lines"]["Pareto front (best accuracy for at most so many parameters)"]

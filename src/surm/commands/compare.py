@@ -362,6 +362,25 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 LABEL_OFFSETS = ((6, 4), (6, -12), (-6, 4), (-6, -12), (0, 10), (0, -16))
 
 
+#: Characters per line of a label on the frontier plot: a longer label (a method with its targets) is wrapped after
+#: its spaces and commas, so that it fits beside its point.
+LABEL_WIDTH = 40
+
+
+def plot_label(label: str) -> str:
+    """``label`` wrapped to :data:`LABEL_WIDTH` characters per line, breaking at spaces and after commas (a list of
+    targets such as ``query,key,value`` has no spaces); every character is kept (a break replaces a space or follows
+    a comma), and a piece longer than a line stays whole."""
+    pieces = re.findall(r"[^ ,]*,|[^ ,]+ ?| ", label)  # "a,", "word " and the like, in order
+    lines, line = [], ""
+    for piece in pieces:
+        if line and len(line + piece.rstrip(" ")) > LABEL_WIDTH:
+            lines.append(line.rstrip(" "))
+            line = ""
+        line += piece
+    return "\n".join(lines + [line.rstrip(" ")])
+
+
 def text_box(annotation: Any, renderer: Any) -> Any:
     """The display-space box of an annotation's text, without its leader line (placed where it will be drawn)."""
     from matplotlib.text import Text
@@ -421,7 +440,7 @@ def frontier_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     axes.legend(loc="lower right", fontsize=8)
     axes.margins(x=0.15, y=0.12)
     figure.tight_layout()
-    place_labels(axes, figure.canvas.get_renderer(), points, [row["label"] for row in rows])
+    place_labels(axes, figure.canvas.get_renderer(), points, [plot_label(row["label"]) for row in rows])
     atomic.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
     plt.close(figure)
 
