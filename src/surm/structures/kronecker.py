@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from .base import (Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, declared_options,
                    kaiming_uniform_, same_options, thin_flops)
@@ -19,8 +18,7 @@ class Kronecker(StructuredMatrix):
     """M = sum_{k=1..K} A_k ⊗ B_k, A_k in R^{m1 x n1}, B_k in R^{m2 x n2}, m = m1 m2, n = n1 n2.
 
     Applied without forming M: with x reshaped row-major to X in R^{n1 x n2},
-    ``(A ⊗ B) vec(X) = vec(A X B^T)``: two plain products for all K terms together, ``H = X [B_1; ..; B_K]^T``
-    (n1 x K m2 per token), then ``Y = [A_1 .. A_K] H'`` with H' the same numbers regrouped by (k, i) (one copy).
+    ``(A ⊗ B) vec(X) = vec(A X B^T)``, two small matmuls per term (all K terms batched).
 
     Factor shapes (exact divisors of m and n, no padding):
 
@@ -112,17 +110,12 @@ class Kronecker(StructuredMatrix):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        (m1, n1), (m2, n2), terms = self.factors, self.second_shape, self.terms
+        (m1, n1), (m2, n2) = self.factors, self.second_shape
         dtype = compute_dtype(x, self.first)
         lead = x.shape[:-1]
-        grid = cast(x, dtype).reshape(-1, n1, n2)  # (b, n1, n2): X per token
-        batch = grid.shape[0]
-        # Two plain products (no broadcast batched matmul, no sum over K): X [B_1; ..; B_K]^T, then the
-        # contraction over (k, i) with A laid out as (m1, K n1).
-        h = F.linear(grid, cast(self.second, dtype).reshape(terms * m2, n2))  # (b, n1, K m2): X B_k^T
-        h = h.view(batch, n1, terms, m2).permute(0, 3, 2, 1).reshape(batch * m2, terms * n1)
-        first = cast(self.first, dtype).transpose(0, 1).reshape(m1, terms * n1)
-        y = F.linear(h, first).view(batch, m2, m1).transpose(1, 2)  # (b, m1, m2): sum_k A_k X B_k^T
+        grid = cast(x, dtype).reshape(-1, 1, n1, n2)  # (b, 1, n1, n2)
+        h = grid @ cast(self.second, dtype).transpose(1, 2)  # (b, K, n1, m2): X B_k^T
+        y = (cast(self.first, dtype) @ h).sum(dim=1)  # (b, m1, m2): sum_k A_k X B_k^T
         return cast(y.reshape(*lead, m1 * m2), x.dtype)
 
     def dense(self) -> Tensor:
@@ -138,8 +131,7 @@ class Kronecker(StructuredMatrix):
         (m1, n1), (m2, n2) = self.factors, self.second_shape
         flops = 2 * tokens * self.terms * (n1 * n2 * m2 + m1 * n1 * m2)  # X B_k^T, then A_k (X B_k^T)
         copies = tokens * self.terms * n1 * m2 + tokens * m1 * m2
-        thinnest = min(n2, self.terms * m2, self.terms * n1, m1)  # of the two products' three dimensions
-        small = thin_flops((3 if backward else 1) * flops, thinnest)
+        small = thin_flops((3 if backward else 1) * flops, min(m1, n1, m2, n2))
         return Cost(small_gemm=small, elementwise=(2 if backward else 1) * copies)
 
     def dense_cost(self, backward: bool) -> Cost:
