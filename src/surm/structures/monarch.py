@@ -93,20 +93,22 @@ class Monarch(StructuredMatrix):
             with torch.no_grad():
                 self.left.zero_()
 
-    def uses_factors(self, tokens: int) -> bool:
-        """Whether a call on ``tokens`` rows applies the factor form (see the class docstring)."""
-        return self.nblocks * self.block_rank <= FACTOR_RANK_LIMIT and tokens >= FACTOR_MIN_TOKENS
+    def uses_factors(self, tokens: int, reused: bool = False) -> bool:
+        """Whether a call on ``tokens`` rows applies the factor form (see the class docstring); ``reused``: the call
+        may take L' and R' from the cache (then the token count does not matter)."""
+        return self.nblocks * self.block_rank <= FACTOR_RANK_LIMIT and (reused or tokens >= FACTOR_MIN_TOKENS)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         dtype = compute_dtype(x, self.right)
         h = cast(x, dtype)
         params = (self.right, self.left)
-        if self.nblocks * self.block_rank <= FACTOR_RANK_LIMIT and reusable(x, params, self.training):
-            left, right = self._factor_cache.get(params, dtype, lambda: self.factors(dtype))
-            y = F.linear(F.linear(h, right), left)
-        elif self.uses_factors(x.numel() // self.in_features):
-            left, right = self.factors(dtype)
+        reused = reusable(x, params, self.training)
+        if self.uses_factors(x.numel() // self.in_features, reused):
+            if reused:
+                left, right = self._factor_cache.get(params, dtype, lambda: self.factors(dtype))
+            else:
+                left, right = self.factors(dtype)
             y = F.linear(F.linear(h, right), left)
         else:
             y = self._apply_blocks(h)
