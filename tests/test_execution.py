@@ -11,10 +11,11 @@ import peft  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import surm  # noqa: E402
-from surm.execution import EXECUTIONS, choose_path, path_seconds  # noqa: E402
+from surm.execution import EXECUTIONS, choose_path, path_costs, path_seconds  # noqa: E402
 
 from .checks import gradcheck_module, relative_error  # noqa: E402
 from .devices import DEVICES  # noqa: E402
@@ -91,9 +92,11 @@ def test_auto_takes_the_cheaper_path_by_the_cost_model():
                 seconds = path_seconds(matrix, tokens, folded=folded, backward=backward)
                 cheaper = min(seconds, key=seconds.get)
                 assert choose_path("auto", matrix, tokens, folded=folded, backward=backward) == cheaper
-    # One token never pays for building an n x n matrix; without gradients, folding into the base product is free.
-    assert choose_path("auto", matrix, 1, folded=False, backward=True) == "structured"
+    # One row without gradients does not pay for building an n x n matrix; without gradients, folding into the base
+    # product is free once there are enough rows; in training the dense path's weight gradient grows as T n^2.
+    assert choose_path("auto", matrix, 1, folded=False, backward=False) == "structured"
     assert choose_path("auto", matrix, 2048, folded=True, backward=False) == "dense"
+    assert choose_path("auto", matrix, 65536, folded=True, backward=True) == "structured"
     for execution in PATHS:
         assert choose_path(execution, matrix, 1, folded=True, backward=False) == execution
 
@@ -105,8 +108,76 @@ def test_every_family_reports_positive_costs():
             for cost in (matrix.structured_cost(100, backward), matrix.dense_cost(backward)):
                 assert min(cost.gemm, cost.small_gemm, cost.fft, cost.elementwise) >= 0
                 assert cost.gemm + cost.small_gemm + cost.fft + cost.elementwise > 0
+                assert cost.calls >= 1
         training, inference = (sum(vars(matrix.structured_cost(100, b)).values()) for b in (True, False))
         assert training > inference
+
+
+#: Operators that only make views (no work, no kernel): not counted in Cost.calls.
+VIEW_OPERATORS = frozenset({
+    "view", "_unsafe_view", "_reshape_alias", "transpose", "t", "permute", "expand", "unsqueeze", "squeeze", "alias",
+    "detach", "slice", "select", "unfold", "as_strided", "diagonal", "narrow", "split", "unbind", "_conj", "_neg_view",
+    "view_as_real", "view_as_complex", "lift_fresh",
+})
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the operators PyTorch dispatches that are not views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in VIEW_OPERATORS:
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_calls(module: nn.Module, x: torch.Tensor, backward: bool) -> int:
+    """Operators of ``module(x)``, and of its backward if ``backward`` (seeded with a gradient made beforehand)."""
+    with torch.set_grad_enabled(backward):
+        seed = torch.ones(*x.shape[:-1], module(x).shape[-1]) if backward else None
+        with OperatorCount() as counter:
+            y = module(x)
+            if backward:
+                y.backward(seed)
+    return len(counter.names)
+
+
+class Projection(nn.Module):
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@pytest.mark.parametrize(("name", "options"), FAMILY_CASES, ids=[case_id(c) for c in FAMILY_CASES])
+@pytest.mark.parametrize("tokens", [4, 256])  # Monarch switches to its factor form from 64 tokens
+def test_declared_operator_calls_match_the_operators_dispatched(name, options, tokens):
+    """Cost.calls of each path (inside a SurmLayer, folded, and in a standalone DeltaUpdate) within 2 operators or
+    25 % of what PyTorch dispatches, views aside: the cost model's fixed cost per call counts real calls."""
+    m, n = 24, 36
+    x = torch.randn(tokens, n)
+    for path in PATHS:
+        torch.manual_seed(0)
+        bare = Projection(m, n).requires_grad_(False)
+        config = surm.SurmConfig(structure=name, target_modules=["proj"], init_weights=False, execution=path,
+                                 **options)
+        model = peft.get_peft_model(Projection(m, n).requires_grad_(False), config)
+        matrix = model.base_model.model.proj.surm_delta["default"].matrix
+        update = surm.DeltaUpdate(matrix, execution=path)
+        for backward in (False, True):
+            inputs = x.clone().requires_grad_(backward)
+            for folded, measured in (
+                (True, dispatched_calls(model, inputs, backward) - dispatched_calls(bare, inputs, backward)),
+                (False, dispatched_calls(update, inputs, backward)),
+            ):
+                declared = path_costs(matrix, tokens, folded=folded, backward=backward)[path].calls
+                assert abs(declared - measured) <= max(2, 0.25 * measured), (path, folded, backward, declared,
+                                                                              measured)
 
 
 def test_unknown_execution_names_the_valid_ones():

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .structures.base import Cost, StructuredMatrix
+from .structures.base import Cost, StructuredMatrix, operator_calls
 
 Execution = Literal["auto", "structured", "dense"]
 EXECUTIONS: tuple[str, ...] = ("auto", "structured", "dense")
@@ -39,6 +39,7 @@ class DeviceRates:
     small_gemm: float
     fft: float
     elementwise: float
+    calls: float
 
     def seconds(self, cost: Cost) -> float:
         """Estimated time of ``cost`` on this device."""
@@ -47,22 +48,41 @@ class DeviceRates:
             + cost.small_gemm / self.small_gemm
             + cost.fft / self.fft
             + cost.elementwise / self.elementwise
+            + cost.calls / self.calls
         )
 
 
-#: Rates per device type. CPU: one thread of the reference machine (AMD EPYC, AVX2, PyTorch 2.13 with MKL and
-#: pocketfft), float32, fitted to the adapter's *added* time inside a layer (the "paths" table of ``surm bench``,
-#: 384 x 384, 2048 tokens, docs/results/bench_cpu.md) rather than to isolated kernels: a large product ~83 GFLOP/s;
-#: thin products ~12 GFLOP/s at thinnest dimension 16 (see ``thin_flops``); FFTs ~3.6e9 n log2 n per second
-#: (isolated kernels run twice as fast; in a layer they also pay padding, complex products and cache misses);
-#: elementwise passes ~1.4e9 numbers per second (complex products count two). With more threads every kind speeds
-#: up by a similar factor, so the choice hardly depends on the thread count. CUDA: not calibrated (no GPU on the
-#: reference machine); the values encode only that large products run near peak and FFTs, thin products and
-#: elementwise passes are memory-bound.
+#: Rates per device type, float32, fitted by ``benchmarks/path_rates.py`` to the adapter's *added* time inside a
+#: frozen Linear (forward + backward, and forward alone), every family at its default options with each path forced,
+#: over LLM and MiniLM projection shapes and 1 to 8192 tokens (docs/results/path_rates_{cpu,cuda}.md), rather than
+#: to isolated kernels (in a layer they also pay padding, complex products and cache misses).
+#:
+#: CPU: the reference machine's 2 threads (AMD EPYC, AVX2, PyTorch 2.13 with MKL and pocketfft), 448 measured paths:
+#: large products ~140 GFLOP/s, thin products ~80 GFLOP/s of ``thin_flops`` units, FFTs ~1.0e10 n log2 n per second,
+#: elementwise passes ~5.4e9 numbers per second, and ~16 us per operator call. With these ``auto`` takes the faster
+#: path in 402 of 448 cases and loses 7.6 ms in all to the faster choice (the rates before, which counted no calls:
+#: 369, 16.8 ms); with each shape left out of its own fit, 402 and 7.6 ms.
+#:
+#: CUDA: an NVIDIA H200 driven by 2 threads of a Xeon host (PyTorch 2.11, CUDA 13), 700 measured paths: large
+#: products ~44 TFLOP/s, FFTs ~1.1e13, elementwise ~3.4e11 per second, and ~40 us per operator call: at these
+#: shapes the calls, not the work, decide almost everything. Thin products cost nothing measurable next to their
+#: calls (the fit gives them no time; 1e18 stands for that). ``auto`` takes the faster path in 303 of 350 cases, and
+#: loses 5.8 ms in all to the faster choice (the uncalibrated rates before, which counted no calls: 178 of 350,
+#: 59.9 ms lost); with each shape left out of its own fit, 294 and 11.1 ms.
 RATES: dict[str, DeviceRates] = {
-    "cpu": DeviceRates(gemm=83e9, small_gemm=12e9, fft=3.6e9, elementwise=1.4e9),
-    "cuda": DeviceRates(gemm=40e12, small_gemm=4e12, fft=5e11, elementwise=5e11),
+    "cpu": DeviceRates(gemm=1.4e11, small_gemm=8.1e10, fft=1.05e10, elementwise=5.4e9, calls=6.4e4),
+    "cuda": DeviceRates(gemm=4.4e13, small_gemm=1e18, fft=1.1e13, elementwise=3.4e11, calls=2.5e4),
 }
+
+
+#: Operator calls of the update around the family's own, (forward, backward), as PyTorch dispatches them (the scale
+#: s rides on a product): the structured path adds s · M x to the base output and passes the gradient back through
+#: the sum; the folded dense path adds s · dense(M) to W0 (its backward, the weight gradient of the base product,
+#: takes the place of operators the family's own count already holds); the separate dense path multiplies x by
+#: s · dense(M), and its backward computes both gradients of that product and accumulates them.
+STRUCTURED_CALLS: tuple[int, int] = (1, 2)
+FOLD_CALLS: tuple[int, int] = (1, 0)
+SEPARATE_DENSE_CALLS: tuple[int, int] = (1, 4)
 
 
 def check_execution(execution: object) -> str:
@@ -77,11 +97,15 @@ def path_costs(matrix: StructuredMatrix, tokens: int, *, folded: bool, backward:
     m, n = matrix.out_features, matrix.in_features
     dense = matrix.dense_cost(backward)
     if folded:
-        # s · dense(M) added to W0 (and the sum's gradient passed back); the product itself is the base layer's.
+        # s · dense(M) added to W0 (and the sum's gradient passed back); the product itself is the base layer's,
+        # its weight gradient (one product, the weight's first) is the path's own.
         dense = dense + Cost(elementwise=(2 if backward else 1) * 2 * m * n, gemm=2 * tokens * m * n if backward else 0)
+        dense = dense + operator_calls(*FOLD_CALLS, backward)
     else:
         dense = dense + Cost(gemm=(3 if backward else 1) * 2 * tokens * m * n, elementwise=m * n + tokens * m)
-    return {"structured": matrix.structured_cost(tokens, backward), "dense": dense}
+        dense = dense + operator_calls(*SEPARATE_DENSE_CALLS, backward)
+    structured = matrix.structured_cost(tokens, backward) + operator_calls(*STRUCTURED_CALLS, backward)
+    return {"structured": structured, "dense": dense}
 
 
 def path_seconds(

@@ -371,7 +371,8 @@ def test_several_adapters_with_mixed_structures_and_modes_save_and_load(x, tmp_p
     loaded.load_adapter(tmp_path / "b", adapter_name="b")
     loaded.load_adapter(tmp_path / "c", adapter_name="c")
     loaded.base_model.set_adapter(["a", "b", "c"])
-    assert torch.equal(forward(loaded, x), all_three)
+    # Equal up to float32 rounding: the folded dense path's product may round differently in other memory (MKL).
+    torch.testing.assert_close(forward(loaded, x), all_three, atol=1e-5, rtol=0)
 
 
 # -- 7. merge refusals and safe merge ---------------------------------------------------------------------------

@@ -80,14 +80,14 @@ def llama_folder(tmp_path_factory) -> str:
     return str(folder)
 
 
-def load(folder: str, bits: str) -> nn.Module:
-    """The tiny Llama loaded quantised to ``bits`` on the CPU (in eval mode, as from_pretrained returns it)."""
+def load(folder: str, bits: str, device: str = "cpu") -> nn.Module:
+    """The tiny Llama loaded quantised to ``bits`` on ``device`` (in eval mode, as from_pretrained returns it)."""
     config = transformers.BitsAndBytesConfig(**BITS[bits])
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu")
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map=device)
 
 
-def token_ids(rows: int = 2, length: int = 12, seed: int = 0) -> Tensor:
-    return torch.randint(1, 100, (rows, length), generator=torch.Generator().manual_seed(seed))
+def token_ids(rows: int = 2, length: int = 12, seed: int = 0, device: str = "cpu") -> Tensor:
+    return torch.randint(1, 100, (rows, length), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def adapt(base: nn.Module, family: str, mode: str = "delta", bottleneck: int | None = None, **kwargs) -> nn.Module:
@@ -144,16 +144,17 @@ def requantisation_bound(target: Tensor, bits: str) -> Tensor:
         row_absmax = target.abs().amax(dim=1, keepdim=True)
         return row_absmax / 254 * (1 + FLOAT16_ROUNDING) + target.abs() * FLOAT16_ROUNDING + 1e-7
     levels = bnb_functional.get_4bit_type("nf4", device="cpu").float().sort().values
-    half_gap = (levels[1:] - levels[:-1]).max() / 2
+    half_gap = ((levels[1:] - levels[:-1]).max() / 2).item()
     blocks = target.reshape(-1, 64).abs().amax(dim=1, keepdim=True)
     return (half_gap * blocks * (1 + 1e-3) + 1e-7).expand(-1, 64).reshape(target.shape)
 
 
-def trained(folder: str, bits: str, family: str, mode: str = "delta", bottleneck: int | None = None) -> nn.Module:
+def trained(folder: str, bits: str, family: str, mode: str = "delta", bottleneck: int | None = None,
+            device: str = "cpu") -> nn.Module:
     """A surm model on the quantised Llama after one training step (which must change its surm parameters only)."""
     torch.manual_seed(0)
-    model = adapt(load(folder, bits), family, mode, bottleneck)
-    loss, graded, changed = train_step(model, token_ids())
+    model = adapt(load(folder, bits, device), family, mode, bottleneck)
+    loss, graded, changed = train_step(model, token_ids(device=device))
     surm_names = set(adapter_parameters(model))
     assert math.isfinite(loss)
     assert changed and changed <= surm_names, sorted(changed - surm_names)[:3]
@@ -456,6 +457,83 @@ def test_mixed_batches_route_rows_on_a_quantised_base(llama_folder):
     model.add_adapter("b", surm.SurmConfig(structure="lowrank", target_modules=projections, init_weights=False,
                                            task_type="CAUSAL_LM"))
     ids = token_ids(rows=3, seed=1)
+    routed = model.eval()(input_ids=ids, adapter_names=["default", "__base__", "b"]).logits
+    alone = []
+    for row, name in enumerate(["default", None, "b"]):
+        if name is None:
+            with model.disable_adapter():
+                alone.append(logits(model, ids[row:row + 1]))
+        else:
+            model.set_adapter(name)
+            alone.append(logits(model, ids[row:row + 1]))
+    assert max_diff(routed, torch.cat(alone)) < 1e-4
+
+
+# -- bitsandbytes on a CUDA device ------------------------------------------------------------------------------------
+# The same checks through bitsandbytes' CUDA kernels (8-bit: LLM.int8's int8 products; 4-bit: NF4 dequantisation).
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_bnb
+@needs_cuda
+@pytest.mark.parametrize("bits", BITS)
+def test_cuda_quantised_layers_add_the_update_outside_their_product(llama_folder, bits):
+    model = adapt(load(llama_folder, bits, "cuda"), "monarch", init_weights=False).eval()
+    for name, layer in surm_layers(model).items():
+        assert isinstance(layer.quantization_backend, BACKENDS[bits]), name
+        x = torch.randn(2, 5, layer.in_features, device="cuda")
+        assert not layer.can_fold(layer.surm_delta["default"], x, (), {})
+        with torch.no_grad():
+            expected = layer.get_base_layer()(x) + x @ layer.get_delta_weight("default").T.to(x.dtype)
+            assert max_diff(layer(x), expected) < 1e-4, name
+
+
+@needs_bnb
+@needs_cuda
+@pytest.mark.parametrize(("family", "bits"), DELTA_CASES, ids=DELTA_IDS)
+def test_cuda_quantised_base_trains_merges_within_one_rounding_and_reloads(llama_folder, family, bits, tmp_path):
+    model = trained(llama_folder, bits, family, device="cuda")
+    ids = token_ids(seed=1, device="cuda")
+    unmerged = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(load(llama_folder, bits, "cuda"), tmp_path)
+    assert max_diff(logits(reloaded, ids), unmerged) < 1e-5
+    layers = surm_layers(model)
+    targets = {name: layer.get_base_weight().float() + layer.get_delta_weight("default").float()
+               for name, layer in layers.items()}
+    with pytest.warns(UserWarning, match=rf"bnb {bits} weight quantises W0 \+ delta again"):
+        model.merge_adapter()
+    for name, layer in layers.items():
+        assert layer.get_base_layer().weight.device.type == "cuda"
+        error = (layer.get_base_weight().float() - targets[name]).abs()
+        assert (error <= requantisation_bound(targets[name], bits)).all(), (name, error.max().item())
+    error = relative_error(logits(model, ids), unmerged)
+    print(f"cuda {family} {bits}: merged vs unmerged logits, relative error {error:.4f}")
+    assert error < MERGE_TOLERANCE[bits]
+
+
+@needs_bnb
+@needs_cuda
+@pytest.mark.parametrize("bits", BITS)
+def test_cuda_adapter_mode_on_a_quantised_base_trains_generates_and_refuses_to_merge(llama_folder, bits):
+    model = trained(llama_folder, bits, "circulant", mode="adapter", device="cuda")
+    ids = token_ids(seed=1, device="cuda")
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (2, 15) and generated.device.type == "cuda"
+    with pytest.raises(surm.NotMergeableError, match=r"mode 'adapter'"):
+        model.merge_and_unload()
+
+
+@needs_bnb
+@needs_cuda
+def test_cuda_mixed_batches_route_rows_on_a_quantised_base(llama_folder):
+    model = adapt(load(llama_folder, "4bit", "cuda"), "kronecker", init_weights=False)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model.add_adapter("b", surm.SurmConfig(structure="ldr", target_modules=projections, init_weights=False,
+                                           task_type="CAUSAL_LM"))
+    ids = token_ids(rows=3, seed=1, device="cuda")
     routed = model.eval()(input_ids=ids, adapter_names=["default", "__base__", "b"]).logits
     alone = []
     for row, name in enumerate(["default", None, "b"]):

@@ -32,12 +32,17 @@ class Cost:
             (the thinner the product, the further below peak it runs).
         fft: real-FFT work, length * log2(length) per transform of one row (a complex transform counts twice).
         elementwise: numbers written by elementwise passes (products, sums, copies, pads).
+        calls: operator calls that do work (every PyTorch operator but views), each paying a fixed cost whatever
+            its size: dispatch on a CPU, and a kernel launch on a GPU, where at fine-tuning's shapes this fixed cost
+            often outweighs the work itself. Counted per call of the path (forward, plus backward if asked);
+            ``tests/test_execution.py`` checks every family's counts against the operators PyTorch dispatches.
     """
 
     gemm: float = 0.0
     small_gemm: float = 0.0
     fft: float = 0.0
     elementwise: float = 0.0
+    calls: float = 0.0
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -51,6 +56,11 @@ class Cost:
 #: Products whose thinnest dimension is below this run proportionally further below peak (measured on CPU: LoRA's
 #: rank-8 products and Monarch's rank-4 blocks reach about 1/2 and 1/4 of the rate of rank-16 products).
 THIN_DIMENSION = 16
+
+
+def operator_calls(forward: int, backward_calls: int, backward: bool) -> Cost:
+    """The :attr:`Cost.calls` of a path: ``forward`` operators, plus ``backward_calls`` if a backward pass follows."""
+    return Cost(calls=forward + (backward_calls if backward else 0))
 
 
 def thin_flops(flops: float, thinnest: int) -> float:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ._fft import circulant_dense, circular_convolution, circular_convolution_work, convolve_spectrum
 from ._reuse import ParameterCache, reusable
-from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, same_options
+from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, operator_calls, same_options
 from .options import PARAMETERIZATION, Parameterization
 
 
@@ -93,10 +93,14 @@ class Circulant(StructuredMatrix):
 
     def structured_cost(self, tokens: int, backward: bool) -> Cost:
         fft, elementwise = circular_convolution_work(tokens, self.size, backward)
-        return Cost(fft=fft, elementwise=elementwise + tokens * self.out_features)
+        product = self.factor is not None  # c * factor: one more product, and its gradients
+        return Cost(fft=fft, elementwise=elementwise + tokens * self.out_features) + operator_calls(
+            5 + product, 10 + 2 * product, backward)
 
     def dense_cost(self, backward: bool) -> Cost:
-        return Cost(elementwise=(2 if backward else 1) * self.out_features * self.in_features)
+        product = self.factor is not None
+        return Cost(elementwise=(2 if backward else 1) * self.out_features * self.in_features) + operator_calls(
+            2 + product, 4 + 2 * product, backward)
 
     @classmethod
     def combined_options(cls, options: Sequence[dict[str, Any]]) -> dict[str, Any]:

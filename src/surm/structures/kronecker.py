@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import (Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, declared_options,
-                   kaiming_uniform_, same_options, thin_flops)
+                   kaiming_uniform_, operator_calls, same_options, thin_flops)
 from ..validation import require_positive_int
 from .options import Option, divisor_nearest_sqrt, divisors, require_size_option
 
@@ -132,11 +132,12 @@ class Kronecker(StructuredMatrix):
         flops = 2 * tokens * self.terms * (n1 * n2 * m2 + m1 * n1 * m2)  # X B_k^T, then A_k (X B_k^T)
         copies = tokens * self.terms * n1 * m2 + tokens * m1 * m2
         small = thin_flops((3 if backward else 1) * flops, min(m1, n1, m2, n2))
-        return Cost(small_gemm=small, elementwise=(2 if backward else 1) * copies)
+        return Cost(small_gemm=small, elementwise=(2 if backward else 1) * copies) + operator_calls(
+            3 * self.terms, 6 + 2 * self.terms, backward)
 
     def dense_cost(self, backward: bool) -> Cost:
         flops = 2 * self.terms * self.out_features * self.in_features
-        return Cost(small_gemm=(3 if backward else 1) * flops)
+        return Cost(small_gemm=(3 if backward else 1) * flops) + operator_calls(self.terms, 3 + self.terms, backward)
 
     @classmethod
     def combined_options(cls, options: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from ._fft import (
     toeplitz_dense,
 )
 from ._reuse import ParameterCache, reusable
-from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, declared_options
+from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, declared_options, operator_calls
 from .options import Option, require_size_option
 
 #: Standard deviation of the skew-circulant vectors in the SURM code's init.
@@ -149,12 +149,13 @@ class LowDisplacementRank(StructuredMatrix):
         skew_fft, skew_elementwise = circular_convolution_work(rows, self._skew_length(), backward)
         circ_fft, circ_elementwise = circular_convolution_work(rows, self.size, backward)
         folds = (2 if backward else 1) * 2 * rows * self.size  # the sign fold and the sum over r
-        return Cost(fft=skew_fft + circ_fft, elementwise=skew_elementwise + circ_elementwise + folds)
+        return Cost(fft=skew_fft + circ_fft, elementwise=skew_elementwise + circ_elementwise + folds) + operator_calls(
+            13, 26, backward)
 
     def dense_cost(self, backward: bool) -> Cost:
         fft, elementwise = circular_convolution_work(self.displacement_rank * self.size, self.size, backward)
         copies = (2 if backward else 1) * 2 * self.displacement_rank * self.size**2
-        return Cost(fft=fft, elementwise=elementwise + copies)
+        return Cost(fft=fft, elementwise=elementwise + copies) + operator_calls(8, 16, backward)
 
     @classmethod
     def combined_options(cls, options: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .base import (Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, declared_options,
-                   kaiming_uniform_, thin_flops)
+                   kaiming_uniform_, operator_calls, thin_flops)
 from .options import Option, require_size_option
 
 
@@ -67,11 +67,11 @@ class LowRank(StructuredMatrix):
         # Forward: x A^T, then h B^T. Backward: four more thin products (grad of h, B, A and x).
         flops = 2 * tokens * self.rank * (self.in_features + self.out_features)
         small = thin_flops((3 if backward else 1) * flops, self.rank)
-        return Cost(small_gemm=small, elementwise=tokens * self.out_features)
+        return Cost(small_gemm=small, elementwise=tokens * self.out_features) + operator_calls(2, 4, backward)
 
     def dense_cost(self, backward: bool) -> Cost:
         flops = 2 * self.out_features * self.rank * self.in_features
-        return Cost(small_gemm=thin_flops((3 if backward else 1) * flops, self.rank))
+        return Cost(small_gemm=thin_flops((3 if backward else 1) * flops, self.rank)) + operator_calls(1, 2, backward)
 
     @classmethod
     def combined_options(cls, options: Sequence[dict[str, Any]]) -> dict[str, Any]:

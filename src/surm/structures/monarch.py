@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ._reuse import ParameterCache, reusable
-from .base import Cost, Init, StructuredMatrix, cast, compute_dtype, kaiming_uniform_, thin_flops
+from .base import Cost, Init, StructuredMatrix, cast, compute_dtype, kaiming_uniform_, operator_calls, thin_flops
 from ..validation import require_positive_int
 from .options import Option, require_size_option
 
@@ -160,15 +160,18 @@ class Monarch(StructuredMatrix):
             flops = 2 * tokens * inner * (self.in_features + self.out_features)
             building = inner * (nblocks * p + nblocks * s)  # L' and R', N times the parameters
             return Cost(small_gemm=thin_flops((3 if backward else 1) * flops, inner),
-                        elementwise=(2 if backward else 1) * building)
+                        elementwise=(2 if backward else 1) * building) + operator_calls(6, 11, backward)
         flops = 2 * tokens * nblocks * rank * (p + s)
         copies = tokens * (nblocks * p if nblocks * p != self.in_features else 0) + tokens * nblocks * (2 * rank + s)
         small = thin_flops((3 if backward else 1) * flops, rank)
-        return Cost(small_gemm=small, elementwise=(2 if backward else 1) * copies)
+        # Rank-1 blocks need no contiguous copies of the block gradients.
+        return Cost(small_gemm=small, elementwise=(2 if backward else 1) * copies) + operator_calls(
+            3, 7 if rank > 1 else 4, backward)
 
     def dense_cost(self, backward: bool) -> Cost:
         flops = 2 * self.out_features * self.nblocks * self.block_rank * self.in_features
-        return Cost(small_gemm=thin_flops((3 if backward else 1) * flops, self.nblocks * self.block_rank))
+        small = thin_flops((3 if backward else 1) * flops, self.nblocks * self.block_rank)
+        return Cost(small_gemm=small) + operator_calls(5, 9, backward)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nblocks={self.nblocks}, block_rank={self.block_rank}"

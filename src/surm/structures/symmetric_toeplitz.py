@@ -22,6 +22,8 @@ class SymmetricToeplitz(Toeplitz):
     """
 
     default_lr = 3e-3
+    #: v -> diagonals is a gather (index arithmetic, then the index), its backward a scatter.
+    diagonal_calls = (3, 2)
 
     @staticmethod
     def _values_length(rows: int, cols: int) -> int:

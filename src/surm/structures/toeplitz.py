@@ -18,7 +18,7 @@ from ._fft import (
     toeplitz_spectrum,
 )
 from ._reuse import ParameterCache, reusable
-from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, same_options
+from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, operator_calls, same_options
 from .options import PARAMETERIZATION, Parameterization
 
 #: Standard deviation of the non-zero factor in the SURM code's product init.
@@ -52,6 +52,8 @@ class Toeplitz(StructuredMatrix):
 
     options = (PARAMETERIZATION,)
     default_lr = 1e-3
+    #: Operators that turn one factor's values into its diagonals, (forward, backward): none, they are the diagonals.
+    diagonal_calls: tuple[int, int] = (0, 0)
 
     def __init__(
         self,
@@ -146,17 +148,22 @@ class Toeplitz(StructuredMatrix):
 
     def structured_cost(self, tokens: int, backward: bool) -> Cost:
         total = Cost()
+        building_forward, building_backward = self.diagonal_calls
         for rows, cols in self._factor_shapes():
             fft, elementwise = circular_convolution_work(tokens, toeplitz_length(rows, cols), backward)
-            total = total + Cost(fft=fft, elementwise=elementwise + tokens * rows)
+            total = total + Cost(fft=fft, elementwise=elementwise + tokens * rows) + operator_calls(
+                7 + building_forward, 14 + building_backward, backward)
         return total
 
     def dense_cost(self, backward: bool) -> Cost:
         m, n, k = self.out_features, self.in_features, self.inner
+        factors = len(self._factor_shapes())
+        building_forward, building_backward = self.diagonal_calls
         copies = Cost(elementwise=(2 if backward else 1) * sum(r * c for r, c in self._factor_shapes()))
+        copies = copies + operator_calls(factors * (1 + building_forward), factors * (2 + building_backward), backward)
         if self.inner_values is None:
             return copies
-        return copies + Cost(gemm=(3 if backward else 1) * 2 * m * k * n)
+        return copies + Cost(gemm=(3 if backward else 1) * 2 * m * k * n) + operator_calls(1, 2, backward)
 
     @classmethod
     def combined_options(cls, options: Sequence[dict[str, Any]]) -> dict[str, Any]:
