@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything surm checks on a CUDA machine, in one run: the CUDA tests, `surm bench --device cuda` (every table,
-# every family with each path forced) and the cost-model rate grid (benchmarks/path_rates.py). Each stage has its own
-# time limit, so one that overruns leaves the others their time; every result lands in OUTPUT.
+# every family with each path forced), the cost-model rate grid (benchmarks/path_rates.py) and the FSDP tests (the
+# CPU ones, which must keep to the CPU on a GPU machine, and the NCCL one). Each stage has its own time limit, so one
+# that overruns leaves the others their time; every result lands in OUTPUT.
 #
 #   bash benchmarks/cuda_session.sh OUTPUT [SUPPORT]
+#   STAGES="environment fsdp" bash benchmarks/cuda_session.sh OUTPUT [SUPPORT]    # some stages only
 #
 # On a machine with surm's dependencies installed (pip install -e ".[test]"), SUPPORT is not needed. For a machine
 # that cannot reach a package registry, SUPPORT is a folder holding what is missing there: whl/*.whl (installed
@@ -36,7 +38,7 @@ fi
 cd "$root"
 
 log="$out/session.log"
-stage() {  # stage NAME SECONDS COMMAND...: run with a limit, its output appended to OUTPUT/session.log
+run_stage() {  # run_stage NAME SECONDS COMMAND...: run with a limit, its output appended to OUTPUT/session.log
     local name=$1 limit=$2
     shift 2
     echo "== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$log"
@@ -49,6 +51,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, its output appende
     echo "== $name: exit $status after $((SECONDS - start))s" | tee -a "$log"
 }
 
+stages=" ${STAGES:-environment cuda_tests bench path_rates fsdp} "
+stage() {  # run the stage only if STAGES names it
+    [[ $stages == *" $1 "* ]] && run_stage "$@"
+    return 0
+}
+
 stage environment 60 bash -c "nvidia-smi; $python -c 'import torch, transformers, peft, bitsandbytes, surm; \
 print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), transformers.__version__, \
 peft.__version__, bitsandbytes.__version__, surm.__file__)'"
@@ -59,3 +67,4 @@ stage cuda_tests "${CUDA_TESTS_SECONDS:-170}" "$python" -m pytest -p no:cachepro
 stage bench "${BENCH_SECONDS:-200}" "$python" -m surm bench --device cuda --paths --output "$out/bench_cuda.md"
 stage path_rates "${RATES_SECONDS:-120}" "$python" benchmarks/path_rates.py --device cuda \
     --output "$out/path_rates_cuda.json"
+stage fsdp "${FSDP_SECONDS:-240}" "$python" -m pytest -p no:cacheprovider -q --timeout 200 tests/test_fsdp.py

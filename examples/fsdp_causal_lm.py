@@ -260,6 +260,9 @@ def parse(argv: Optional[list[str]], world: int) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="default: the family's default_lr")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: each process's GPU (cuda:LOCAL_RANK, NCCL) where CUDA is available, else the CPU "
+                        "(gloo)")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.lr is not None and not 0 < args.lr < float("inf"):
@@ -273,6 +276,10 @@ def parse(argv: Optional[list[str]], world: int) -> argparse.Namespace:
                      f"number of processes ({world})")
     if (args.param_dtype is not None or args.cpu_offload) and "LOCAL_RANK" not in os.environ:
         parser.error("--param-dtype and --cpu-offload are FSDP settings; start the script with torchrun")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to this PyTorch")
+    if args.device == "cuda" and world > torch.cuda.device_count():
+        parser.error(f"--device cuda: {world} processes but {torch.cuda.device_count()} GPU(s); one process per GPU")
     if args.model != TINY and not Path(args.model).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
         parser.error(f"--model {args.model} is not a folder, and the Hub is offline (HF_HUB_OFFLINE=1)")
     if args.target_modules != "all-linear":
@@ -292,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise SystemExit(f"{sys.argv[0]}: error: --eval-size {args.eval_size} exceeds the {len(texts['eval'])} "
                          "validation texts")
     device = torch.device("cpu")
-    if torch.cuda.is_available():
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if launched:

@@ -27,6 +27,8 @@ from .runs import environment
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp_causal_lm.py"
 SETTINGS = ["--steps", "3", "--batch-size", "8", "--eval-size", "8", "--max-length", "32", "--seed", "3"]
+#: The CPU runs stay on the CPU (gloo) on a machine with a GPU too.
+CPU = ["--device", "cpu"]
 COMBINATIONS = [(structure, mode) for structure in sorted(surm.STRUCTURES) for mode in ("delta", "adapter")]
 
 #: Two launches that train 14 adapters each (deselect with -m "not slow"); needs gloo.
@@ -44,9 +46,10 @@ def launch(output: Path, *args: str, processes: int = 0) -> subprocess.Completed
 
 
 def trained(output: Path, *args: str, processes: int = 0) -> dict[tuple[str, str], dict]:
-    """Run every combination; each one's report by (structure, mode)."""
+    """Run every combination (on the CPU unless ``args`` name a device); each one's report by (structure, mode)."""
     structures = sorted({structure for structure, _ in COMBINATIONS})
-    completed = launch(output, "--structure", *structures, "--mode", "delta", "adapter", *SETTINGS, *args,
+    device = [] if "--device" in args else CPU
+    completed = launch(output, "--structure", *structures, "--mode", "delta", "adapter", *SETTINGS, *device, *args,
                        processes=processes)
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads((output / "report.json").read_text())
@@ -124,7 +127,7 @@ def test_bfloat16_base_mixed_precision_and_cpu_offload_run(tmp_path, one_process
     ``CPUOffloadPolicy(pin_memory=False)`` on gloo: training runs, the losses stay near the float32 run's (bfloat16
     rounds the weights and the forward: about 1e-2 here), and the saved adapter is float32."""
     output = tmp_path / "mixed"
-    completed = launch(output, "--structure", "monarch", "--mode", "delta", *SETTINGS, "--dtype", "bfloat16",
+    completed = launch(output, "--structure", "monarch", "--mode", "delta", *SETTINGS, *CPU, "--dtype", "bfloat16",
                        "--param-dtype", "bfloat16", "--cpu-offload", processes=2)
     assert completed.returncode == 0, completed.stderr[-4000:]
     (run,) = json.loads((output / "report.json").read_text())["runs"]
@@ -148,10 +151,37 @@ def test_pinned_cpu_offload_needs_an_accelerator(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_nccl_fsdp_with_pinned_cpu_offload_matches_one_process_and_reloads(tmp_path, example):
+    """What a CPU cannot run: FSDP2 over NCCL with ``CPUOffloadPolicy()``'s pinned host memory. One process per GPU
+    (``torchrun --nproc_per_node=1`` where there is one GPU), every family and mode, against the same script on the
+    GPU without FSDP; the saved adapters reload into an unsharded model on the CPU with the sharded run's loss."""
+    sharded = trained(tmp_path / "fsdp", "--device", "cuda", "--cpu-offload", processes=1)
+    single = trained(tmp_path / "single", "--device", "cuda")
+    assert sorted(sharded) == sorted(single) == sorted(COMBINATIONS)
+    texts = [item.text for item in load_dataset("trec", seed=3).validation[:8]]
+    sequences = example.tokenize(texts, example.encode_ascii, example.TINY_EOS, 32)
+    batch = example.pad_batch(sequences, example.TINY_PAD, torch.device("cpu"))
+    for key, run in sharded.items():
+        assert run["fsdp_units"] == 2 and run["trainable_params"] == single[key]["trainable_params"]
+        assert run["losses"] == pytest.approx(single[key]["losses"], abs=1e-5), key
+        assert run["eval_loss"] < run["losses"][0]
+        theirs = load_file(Path(run["adapter"]) / "adapter_model.safetensors")
+        ours = load_file(Path(single[key]["adapter"]) / "adapter_model.safetensors")
+        assert theirs.keys() == ours.keys()
+        for name in ours:
+            torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=run["lr"] / 50)
+        model = PeftModel.from_pretrained(example.tiny_llama(seed=3), run["adapter"]).eval()
+        with torch.no_grad():
+            total = example.summed_loss(model, batch)
+        assert total.item() / example.predicted_tokens(sequences) == pytest.approx(run["eval_loss"], abs=1e-4), key
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "no/such-model"], "is not a folder, and the Hub is offline"),
     (["--cpu-offload"], "start the script with torchrun"),
     (["--batch-size", "0"], "must be a positive integer"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device is available")]),
 ])
 def test_bad_input_is_a_one_line_error(example, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -583,7 +583,8 @@ def paths_table(results: dict[str, Any], config: BenchConfig) -> str:
         "",
         "Added time over the bare frozen layer (whose input gradient is computed in both): training = forward + "
         "backward, inference = forward without gradients. *model* = the cost model's estimate (surm.execution, "
-        "one thread of the reference CPU); *auto* = the path `execution=\"auto\"` takes here.",
+        f"with its {config.device} rates, fitted on the reference machines); *auto* = the path "
+        "`execution=\"auto\"` takes here.",
         "",
         "| adapter | train +ms | train / LoRA's | model train ms | auto (train) | inference +ms | model inference ms "
         "| auto (inference) |",
