@@ -56,6 +56,8 @@ QUICK_SHAPES: tuple[tuple[int, int], ...] = ((32, 48),)
 QUICK_TOKENS: tuple[int, ...] = (4, 64)
 MODES: tuple[str, ...] = ("train", "inference")
 KINDS: tuple[str, ...] = tuple(f.name for f in fields(DeviceRates))
+#: What a measured cell holds (its costs are computed by the code that fits).
+CELL_KEYS = ("out_features", "in_features", "tokens", "mode", "family", "path", "bare_s", "added_s")
 #: The rate of a kind whose fitted time per unit is zero (its work was never measurable next to the others').
 UNBOUNDED_RATE = 1e18
 
@@ -244,10 +246,10 @@ def read_measurements(path: Path, parser: argparse.ArgumentParser) -> dict[str, 
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         parser.error(f"--fit {path}: cannot read it as JSON ({error})")
-    keys = ("out_features", "in_features", "tokens", "mode", "family", "path", "bare_s", "added_s")
     if not (isinstance(saved, dict) and isinstance(saved.get("cells"), list) and saved.get("device") in ("cpu", "cuda")
-            and all(isinstance(c, dict) and all(k in c for k in keys) for c in saved["cells"])):
-        parser.error(f"--fit {path}: not measurements written by this script (a device and cells with {keys})")
+            and all(isinstance(c, dict) and all(k in c for k in CELL_KEYS) for c in saved["cells"])):
+        parser.error(f"--fit {path}: not measurements written by this script (a device and cells with {CELL_KEYS})")
+    saved["cells"] = [{key: cell[key] for key in CELL_KEYS} for cell in saved["cells"]]  # the measurements only
     return saved
 
 
