@@ -3,17 +3,16 @@ into valid settings, methods and options: a documented command that no longer ru
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
 from surm.cli import build_parser, method_choice, settings_from_args
 from surm.commands.compare import parse_methods
 
-ROOT = Path(__file__).resolve().parents[1]
+from .scripts import ROOT, load_script
+
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 #: Shell variables the documents define before using them.
 VARIABLE = re.compile(r"^([A-Z]+)=(?:\"(.*)\"|(\S+))$")
@@ -72,7 +71,5 @@ def test_a_documented_command_parses_into_valid_settings(where, argv):
 
 def test_the_learning_rate_sweep_methods_parse():
     """benchmarks/lr_sweep.py (behind docs/sweep.md) passes its method list to surm compare."""
-    spec = importlib.util.spec_from_file_location("lr_sweep", ROOT / "benchmarks" / "lr_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_script("benchmarks/lr_sweep.py")
     assert len(parse_methods(sweep.DEFAULT_METHODS)) == len(sweep.DEFAULT_METHODS.split(","))

@@ -8,7 +8,6 @@ group, so the start-up cost is paid once: 3 steps of a global batch of 8 texts, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import surm
 from surm.data import load_dataset
 
 from .runs import environment
+from .scripts import load_script
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp_causal_lm.py"
 SETTINGS = ["--steps", "3", "--batch-size", "8", "--eval-size", "8", "--max-length", "32", "--seed", "3"]
@@ -70,10 +70,7 @@ def two_processes(tmp_path_factory) -> dict[tuple[str, str], dict]:
 @pytest.fixture(scope="module")
 def example():
     """The example script as a module (its tiny Llama, tokenisation and loss)."""
-    spec = importlib.util.spec_from_file_location("fsdp_causal_lm", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/fsdp_causal_lm.py")
 
 
 def test_every_combination_ran_sharded(two_processes, one_process):

@@ -162,6 +162,20 @@ def trained(folder: str, bits: str, family: str, mode: str = "delta", bottleneck
     return model
 
 
+def assert_merge_requantises_within_one_rounding(model: nn.Module, bits: str) -> None:
+    """``merge_adapter`` on a quantised base: W0 <- Q(deq(W0) + s · dense(M)), each weight still a bitsandbytes
+    parameter and within :func:`requantisation_bound` of deq(W0) + s · dense(M), with PEFT's warning."""
+    layers = surm_layers(model)
+    targets = {name: layer.get_base_weight().float() + layer.get_delta_weight("default").float()
+               for name, layer in layers.items()}
+    with pytest.warns(UserWarning, match=rf"bnb {bits} weight quantises W0 \+ delta again"):
+        model.merge_adapter()
+    for name, layer in layers.items():
+        assert isinstance(layer.get_base_layer().weight, (bitsandbytes.nn.Int8Params, bitsandbytes.nn.Params4bit))
+        error = (layer.get_base_weight().float() - targets[name]).abs()
+        assert (error <= requantisation_bound(targets[name], bits)).all(), (name, error.max().item())
+
+
 DELTA_CASES = [(family, bits) for bits in BITS for family in FAMILIES]
 DELTA_IDS = [f"{family}-{bits}" for family, bits in DELTA_CASES]
 ADAPTER_CASES = [(bits, bottleneck) for bits in BITS for bottleneck in (None, 4)]
@@ -262,15 +276,7 @@ def test_merging_into_a_quantised_base_requantises_within_one_rounding(llama_fol
     model = trained(llama_folder, bits, family)
     ids = token_ids(seed=1)
     unmerged = logits(model, ids)
-    layers = surm_layers(model)
-    targets = {name: layer.get_base_weight().float() + layer.get_delta_weight("default").float()
-               for name, layer in layers.items()}
-    with pytest.warns(UserWarning, match=rf"bnb {bits} weight quantises W0 \+ delta again"):
-        model.merge_adapter()
-    for name, layer in layers.items():
-        assert isinstance(layer.get_base_layer().weight, (bitsandbytes.nn.Int8Params, bitsandbytes.nn.Params4bit))
-        error = (layer.get_base_weight().float() - targets[name]).abs()
-        assert (error <= requantisation_bound(targets[name], bits)).all(), (name, error.max().item())
+    assert_merge_requantises_within_one_rounding(model, bits)
     merged = logits(model, ids)
     assert relative_error(merged, unmerged) < MERGE_TOLERANCE[bits]
     with warnings.catch_warnings():
@@ -450,25 +456,6 @@ def test_full_rank_lora_export_of_a_quantised_model_loads_onto_a_quantised_base(
     assert max_diff(logits(lora, ids), y) < 1e-4
 
 
-@needs_bnb
-def test_mixed_batches_route_rows_on_a_quantised_base(llama_folder):
-    model = adapt(load(llama_folder, "8bit"), "circulant", init_weights=False)
-    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model.add_adapter("b", surm.SurmConfig(structure="lowrank", target_modules=projections, init_weights=False,
-                                           task_type="CAUSAL_LM"))
-    ids = token_ids(rows=3, seed=1)
-    routed = model.eval()(input_ids=ids, adapter_names=["default", "__base__", "b"]).logits
-    alone = []
-    for row, name in enumerate(["default", None, "b"]):
-        if name is None:
-            with model.disable_adapter():
-                alone.append(logits(model, ids[row:row + 1]))
-        else:
-            model.set_adapter(name)
-            alone.append(logits(model, ids[row:row + 1]))
-    assert max_diff(routed, torch.cat(alone)) < 1e-4
-
-
 # -- bitsandbytes on a CUDA device ------------------------------------------------------------------------------------
 # The same checks through bitsandbytes' CUDA kernels (8-bit: LLM.int8's int8 products; 4-bit: NF4 dequantisation).
 
@@ -499,15 +486,8 @@ def test_cuda_quantised_base_trains_merges_within_one_rounding_and_reloads(llama
     model.save_pretrained(tmp_path)
     reloaded = peft.PeftModel.from_pretrained(load(llama_folder, bits, "cuda"), tmp_path)
     assert max_diff(logits(reloaded, ids), unmerged) < 1e-5
-    layers = surm_layers(model)
-    targets = {name: layer.get_base_weight().float() + layer.get_delta_weight("default").float()
-               for name, layer in layers.items()}
-    with pytest.warns(UserWarning, match=rf"bnb {bits} weight quantises W0 \+ delta again"):
-        model.merge_adapter()
-    for name, layer in layers.items():
-        assert layer.get_base_layer().weight.device.type == "cuda"
-        error = (layer.get_base_weight().float() - targets[name]).abs()
-        assert (error <= requantisation_bound(targets[name], bits)).all(), (name, error.max().item())
+    assert_merge_requantises_within_one_rounding(model, bits)
+    assert all(layer.get_base_layer().weight.device.type == "cuda" for layer in surm_layers(model).values())
     error = relative_error(logits(model, ids), unmerged)
     print(f"cuda {family} {bits}: merged vs unmerged logits, relative error {error:.4f}")
     assert error < MERGE_TOLERANCE[bits]
@@ -526,14 +506,20 @@ def test_cuda_adapter_mode_on_a_quantised_base_trains_generates_and_refuses_to_m
         model.merge_and_unload()
 
 
+# -- bitsandbytes: mixed batches, on the CPU and on a CUDA device ---------------------------------------------------
+
+
 @needs_bnb
-@needs_cuda
-def test_cuda_mixed_batches_route_rows_on_a_quantised_base(llama_folder):
-    model = adapt(load(llama_folder, "4bit", "cuda"), "kronecker", init_weights=False)
+@pytest.mark.parametrize(("device", "bits", "first", "second"), [
+    ("cpu", "8bit", "circulant", "lowrank"),
+    pytest.param("cuda", "4bit", "kronecker", "ldr", marks=needs_cuda),
+], ids=["cpu-8bit", "cuda-4bit"])
+def test_mixed_batches_route_rows_on_a_quantised_base(llama_folder, device, bits, first, second):
+    model = adapt(load(llama_folder, bits, device), first, init_weights=False)
     projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model.add_adapter("b", surm.SurmConfig(structure="ldr", target_modules=projections, init_weights=False,
+    model.add_adapter("b", surm.SurmConfig(structure=second, target_modules=projections, init_weights=False,
                                            task_type="CAUSAL_LM"))
-    ids = token_ids(rows=3, seed=1, device="cuda")
+    ids = token_ids(rows=3, seed=1, device=device)
     routed = model.eval()(input_ids=ids, adapter_names=["default", "__base__", "b"]).logits
     alone = []
     for row, name in enumerate(["default", None, "b"]):
