@@ -97,5 +97,5 @@ def interrupted_stderr(process: subprocess.Popen, timeout: float = 120) -> str:
     """The error output of ``process`` after Ctrl-C: it must exit 130 without a traceback."""
     _, stderr = process.communicate(timeout=timeout)
     assert process.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
     return stderr

@@ -22,7 +22,8 @@ from surm.data import load_dataset, macro_f1
 from surm.models import minilm_path, text_collate
 from surm.errors import TrainingDiverged
 from surm.methods import MethodChoice
-from surm.commands.finetune import LossWatch, Run, RunConfig, subset
+import surm.commands.finetune as finetune_module
+from surm.commands.finetune import LossWatch, Run, RunConfig, StepBoundaryInterrupt, subset
 from surm.settings import RunSettings
 
 from ..conftest import REFERENCE_ARGS
@@ -404,3 +405,20 @@ def test_a_budget_too_small_is_refused_before_training(tmp_path, budget, message
     outcome = call_main("finetune", "--budget-params", budget, *TINY, "--output", str(tmp_path / "run"))
     assert outcome.code == 2 and outcome.stderr.strip() == f"surm finetune: error: {message}"
     assert not (tmp_path / "run" / "train.log").exists()
+
+
+def test_one_ctrl_c_delivered_twice_stops_at_the_step_boundary_and_a_later_one_interrupts_at_once(monkeypatch):
+    """A terminal's Ctrl-C reaches a compare's run twice (the process group, then compare's forward): the second
+    SIGINT within StepBoundaryInterrupt.SAME_CTRL_C_SECONDS is the same Ctrl-C; a real second press interrupts."""
+    clock = iter([10.0, 10.1, 10.8])
+    monkeypatch.setattr(finetune_module.time, "monotonic", lambda: next(clock))
+    with StepBoundaryInterrupt() as interrupt:
+        assert interrupt.enabled  # pytest runs tests in the main thread
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's
+        os.kill(os.getpid(), signal.SIGINT)  # compare's forward, 0.1 s later: no KeyboardInterrupt here
+        assert interrupt.requested
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()  # at the step boundary
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # 0.8 s after the first: a second press, at once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -138,13 +138,19 @@ class StepBoundaryInterrupt:
 
     The first Ctrl-C is noted and :meth:`check`, called after each step and epoch, raises KeyboardInterrupt there:
     the step and any checkpoint it writes finish, and no library is interrupted halfway through its own cleanup. A
-    second Ctrl-C interrupts at once. Only in the main thread of a single process (under ``torchrun`` every process
-    would have to stop at the same step, so there Ctrl-C keeps Python's default).
+    second Ctrl-C, :data:`SAME_CTRL_C_SECONDS` or more after the first, interrupts at once; one sooner is the same
+    Ctrl-C arriving twice (a terminal signals the whole process group, and ``surm compare`` also forwards Ctrl-C to
+    the runs it started) and is ignored. Only in the main thread of a single process (under ``torchrun`` every
+    process would have to stop at the same step, so there Ctrl-C keeps Python's default).
     """
+
+    #: SIGINTs this close to the first are one Ctrl-C delivered twice, not a second press.
+    SAME_CTRL_C_SECONDS = 0.5
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested = False
+        self._first_at = 0.0
         self._previous: Any = None
 
     def __enter__(self) -> StepBoundaryInterrupt:
@@ -157,9 +163,11 @@ class StepBoundaryInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
     def _note(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        now = time.monotonic()
+        if not self.requested:
+            self.requested, self._first_at = True, now
+        elif now - self._first_at >= self.SAME_CTRL_C_SECONDS:
             raise KeyboardInterrupt
-        self.requested = True
 
     def check(self) -> None:
         """Raise KeyboardInterrupt if Ctrl-C was pressed since training started."""
