@@ -43,9 +43,9 @@ import torch
 from torch import nn
 
 from surm.atomic import write_json, write_text
-from surm.commands.measure import time_interleaved
+from surm.commands.measure import OneLinear, layer_inference, layer_training_step, time_interleaved
 from surm.execution import PATHS, RATES, DeviceRates, path_costs
-from surm.peft import SurmConfig, SurmLayer
+from surm.peft import SurmConfig
 from surm.structures import STRUCTURES, structure
 from surm.structures.base import Cost
 
@@ -54,7 +54,6 @@ SHAPES: tuple[tuple[int, int], ...] = ((384, 384), (2048, 2048), (256, 2048), (5
 TOKENS: tuple[int, ...] = (1, 16, 256, 2048, 8192)
 QUICK_SHAPES: tuple[tuple[int, int], ...] = ((32, 48),)
 QUICK_TOKENS: tuple[int, ...] = (4, 64)
-MODES: tuple[str, ...] = ("train", "inference")
 KINDS: tuple[str, ...] = tuple(f.name for f in fields(DeviceRates))
 #: What a measured cell holds (its costs are computed by the code that fits).
 CELL_KEYS = ("out_features", "in_features", "tokens", "mode", "family", "path", "bare_s", "added_s")
@@ -62,49 +61,26 @@ CELL_KEYS = ("out_features", "in_features", "tokens", "mode", "family", "path", 
 UNBOUNDED_RATE = 1e18
 
 
-class OneLayer(nn.Module):
-    def __init__(self, out_features: int, in_features: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_features, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
 def measure_cell(shape: tuple[int, int], tokens: int, device: str, warmup: int, repeats: int) -> list[dict]:
-    """Added times and costs of every family and path on one shape and token count, both modes."""
+    """Added times of every family and path on one shape and token count, both modes."""
     out_features, in_features = shape
     torch.manual_seed(0)
-    base = OneLayer(out_features, in_features).to(device).requires_grad_(False)
+    base = OneLinear(out_features, in_features).to(device).requires_grad_(False)
     x = torch.randn(tokens, in_features, device=device)
     probe = torch.randn(tokens, out_features, device=device)
     models: dict[str, nn.Module] = {"bare": base}
-    matrices = {}
     for family in STRUCTURES:
         for path in PATHS:
-            model = peft.get_peft_model(copy.deepcopy(base), SurmConfig(
+            models[f"{family}/{path}"] = peft.get_peft_model(copy.deepcopy(base), SurmConfig(
                 structure=family, target_modules=["proj"], init_weights=False, execution=path)).to(device)
-            models[f"{family}/{path}"] = model
-            matrices[family] = next(m for m in model.modules() if isinstance(m, SurmLayer)).surm_delta["default"].matrix
-
-    def train(model: nn.Module):
-        def run() -> None:
-            (model(x.detach().requires_grad_(True)) * probe).sum().backward()
-            for parameter in model.parameters():
-                parameter.grad = None
-        return run
-
-    def inference(model: nn.Module):
-        def run() -> None:
-            with torch.no_grad():
-                model(x)
-        return run
 
     cells = []
-    for mode, make in (("train", train), ("inference", inference)):
+    calls = {"train": lambda model: layer_training_step(model, x, probe),
+             "inference": lambda model: layer_inference(model, x)}
+    for mode, make in calls.items():
         times = time_interleaved({name: make(model) for name, model in models.items()}, warmup, repeats, device)
         bare = statistics.median(times["bare"])
-        for family in matrices:
+        for family in STRUCTURES:
             for path in PATHS:
                 cells.append({"out_features": out_features, "in_features": in_features, "tokens": tokens,
                               "mode": mode, "family": family, "path": path, "bare_s": bare,
@@ -175,7 +151,6 @@ def decisions(cells: list[dict], rates: DeviceRates) -> dict[str, Any]:
                            "lost_ms": 1e3 * (measured[chosen] - measured[fastest])})
     return {"right": right, "total": len(groups), "lost_ms": 1e3 * lost, "best_ms": 1e3 * best_total,
             "misses": misses}
-
 
 
 def held_out_decisions(cells: list[dict]) -> dict[str, Any]:

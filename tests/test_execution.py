@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import surm  # noqa: E402
+from surm.commands.measure import OneLinear  # noqa: E402
 from surm.execution import EXECUTIONS, choose_path, path_costs, path_seconds  # noqa: E402
 
 from .checks import gradcheck_module, relative_error  # noqa: E402
@@ -145,15 +146,6 @@ def dispatched_calls(module: nn.Module, x: torch.Tensor, backward: bool) -> int:
     return len(counter.names)
 
 
-class Projection(nn.Module):
-    def __init__(self, out_features: int, in_features: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_features, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
 @pytest.mark.parametrize(("name", "options"), FAMILY_CASES, ids=[case_id(c) for c in FAMILY_CASES])
 @pytest.mark.parametrize("tokens", [4, 256])  # Monarch switches to its factor form from 64 tokens
 def test_declared_operator_calls_match_the_operators_dispatched(name, options, tokens):
@@ -163,10 +155,10 @@ def test_declared_operator_calls_match_the_operators_dispatched(name, options, t
     x = torch.randn(tokens, n)
     for path in PATHS:
         torch.manual_seed(0)
-        bare = Projection(m, n).requires_grad_(False)
+        bare = OneLinear(m, n).requires_grad_(False)
         config = surm.SurmConfig(structure=name, target_modules=["proj"], init_weights=False, execution=path,
                                  **options)
-        model = peft.get_peft_model(Projection(m, n).requires_grad_(False), config)
+        model = peft.get_peft_model(OneLinear(m, n).requires_grad_(False), config)
         matrix = model.base_model.model.proj.surm_delta["default"].matrix
         update = surm.DeltaUpdate(matrix, execution=path)
         for backward in (False, True):

@@ -55,7 +55,8 @@ from ..peft import SurmConfig, SurmLayer
 from ..structures import STRUCTURES, structure
 from ..validation import is_int
 from .decoder_bench import decoder_table, run_decoder
-from .measure import execution_paths, iqr_ms, median_ms, synchronizer, time_interleaved, trainable_parameters
+from .measure import (OneLinear, execution_paths, iqr_ms, layer_inference, layer_training_step, median_ms,
+                      synchronizer, time_interleaved, trainable_parameters)
 
 TABLES: tuple[str, ...] = ("train", "inference", "apply", "paths", "decoder")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
@@ -511,30 +512,21 @@ def apply_tables(results: dict[str, Any], config: BenchConfig) -> str:
 # -- execution paths on one layer ---------------------------------------------------------------------------------
 
 
-class _OneLayer(nn.Module):
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.query = nn.Linear(features, features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.query(x)
-
-
 def run_paths(config: BenchConfig) -> dict[str, Any]:
     """Each family with each path forced, on one frozen Linear, timed against the bare layer and PEFT LoRA."""
     features, tokens = (64, 64) if config.quick else (384, BATCH * SEQUENCE)
     device = config.device
     torch.manual_seed(0)
-    base = _OneLayer(features).to(device).requires_grad_(False)
+    base = OneLinear(features, features).to(device).requires_grad_(False)
     x = torch.randn(tokens, features, device=device)
     probe = torch.randn(tokens, features, device=device)
     layers: dict[str, nn.Module] = {"base layer": base, "PEFT LoRA r=8": peft.get_peft_model(
-        copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query"]))}
+        copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))}
     rows: dict[str, dict[str, Any]] = {"base layer": {}, "PEFT LoRA r=8": {}}
     for family in _families(config) if config.quick else STRUCTURES:
         for execution in ("structured", "dense"):
             label = f"{family} [{execution}]"
-            model = peft.get_peft_model(copy.deepcopy(base), SurmConfig(structure=family, target_modules=["query"],
+            model = peft.get_peft_model(copy.deepcopy(base), SurmConfig(structure=family, target_modules=["proj"],
                                                                         init_weights=False, execution=execution))
             layers[label] = model
             layer = next(m for m in model.modules() if isinstance(m, SurmLayer))
@@ -548,25 +540,10 @@ def run_paths(config: BenchConfig) -> dict[str, Any]:
             with torch.no_grad():
                 rows[label]["auto_inference"] = auto.path(x, folded=True)
 
-    def train_step(model: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            inputs = x.detach().requires_grad_(True)  # gradients flow through, as from the layers above
-            (model(inputs) * probe).sum().backward()
-            for parameter in model.parameters():
-                parameter.grad = None
-
-        return run
-
-    def inference(model: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad():
-                model(x)
-
-        return run
-
     repeats = max(config.repeats, 3 if config.quick else 20)
-    train = time_interleaved({k: train_step(m) for k, m in layers.items()}, config.warmup, repeats, device)
-    infer = time_interleaved({k: inference(m) for k, m in layers.items()}, config.warmup, repeats, device)
+    train = time_interleaved({k: layer_training_step(m, x, probe) for k, m in layers.items()}, config.warmup,
+                             repeats, device)
+    infer = time_interleaved({k: layer_inference(m, x) for k, m in layers.items()}, config.warmup, repeats, device)
     for label in layers:
         rows[label]["train_s"], rows[label]["inference_s"] = train[label], infer[label]
     return {"features": features, "tokens": tokens, "rows": rows}

@@ -1,5 +1,6 @@
-"""What the benchmark tables share: timing interleaved across configurations, medians and spreads, and what a
-model's adapters are (trainable parameters, the execution path each delta adapter takes)."""
+"""What the benchmark tables share: timing interleaved across configurations, medians and spreads, what a
+model's adapters are (trainable parameters, the execution path each delta adapter takes), and the one-layer model
+and calls that time an execution path on its own."""
 
 from __future__ import annotations
 
@@ -11,6 +12,38 @@ import torch
 from torch import nn
 
 from ..peft import SurmLayer
+
+
+class OneLinear(nn.Module):
+    """One ``nn.Linear`` named ``proj`` (``target_modules=["proj"]`` adapts it): the layer an execution path is timed
+    or counted on."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def layer_training_step(model: nn.Module, x: torch.Tensor, probe: torch.Tensor) -> Callable[[], None]:
+    """A call that runs forward and backward of ``model`` on ``x`` with the output gradient ``probe``, the input
+    requiring a gradient as it does below other layers, and clears the parameters' gradients."""
+    def run() -> None:
+        (model(x.detach().requires_grad_(True)) * probe).sum().backward()
+        for parameter in model.parameters():
+            parameter.grad = None
+
+    return run
+
+
+def layer_inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A call that runs ``model`` on ``x`` without gradients."""
+    def run() -> None:
+        with torch.no_grad():
+            model(x)
+
+    return run
 
 
 def synchronizer(device: str) -> Callable[[], None]:

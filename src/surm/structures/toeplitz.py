@@ -157,9 +157,10 @@ class Toeplitz(StructuredMatrix):
 
     def dense_cost(self, backward: bool) -> Cost:
         m, n, k = self.out_features, self.in_features, self.inner
-        factors = len(self._factor_shapes())
+        shapes = self._factor_shapes()
+        factors = len(shapes)
         building_forward, building_backward = self.diagonal_calls
-        copies = Cost(elementwise=(2 if backward else 1) * sum(r * c for r, c in self._factor_shapes()))
+        copies = Cost(elementwise=(2 if backward else 1) * sum(r * c for r, c in shapes))
         copies = copies + operator_calls(factors * (1 + building_forward), factors * (2 + building_backward), backward)
         if self.inner_values is None:
             return copies
