@@ -23,9 +23,10 @@ import surm
 from surm.data import load_dataset
 
 from .runs import environment
-from .scripts import load_script
+from .scripts import ROOT, load_script
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp_causal_lm.py"
+EXAMPLE_SCRIPT = "examples/fsdp_causal_lm.py"
+EXAMPLE = ROOT / EXAMPLE_SCRIPT
 SETTINGS = ["--steps", "3", "--batch-size", "8", "--eval-size", "8", "--max-length", "32", "--seed", "3"]
 #: The CPU runs stay on the CPU (gloo) on a machine with a GPU too.
 CPU = ["--device", "cpu"]
@@ -70,7 +71,34 @@ def two_processes(tmp_path_factory) -> dict[tuple[str, str], dict]:
 @pytest.fixture(scope="module")
 def example():
     """The example script as a module (its tiny Llama, tokenisation and loss)."""
-    return load_script("examples/fsdp_causal_lm.py")
+    return load_script(EXAMPLE_SCRIPT)
+
+
+def assert_sharded_matches_single(sharded: dict, single: dict) -> dict[str, torch.Tensor]:
+    """The sharded run of a combination against the one-process run: the same trainable count, losses and evaluation
+    loss within 1e-5, the saved adapters' tensors within lr / 50 (see test_two_processes_match_one_process), and a
+    loss that fell. Returns the one-process run's saved tensors."""
+    assert sharded["trainable_params"] == single["trainable_params"] > 0
+    assert sharded["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    assert sharded["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-5)
+    assert sharded["eval_loss"] < sharded["losses"][0]  # it learnt something
+    theirs = load_file(Path(sharded["adapter"]) / "adapter_model.safetensors")
+    ours = load_file(Path(single["adapter"]) / "adapter_model.safetensors")
+    assert theirs.keys() == ours.keys()
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=single["lr"] / 50)
+    return ours
+
+
+def reloaded(example, adapter: str) -> tuple[PeftModel, float]:
+    """The saved adapter loaded into a fresh unsharded tiny Llama on the CPU, and its mean token loss on the first
+    8 validation texts (the runs' evaluation batch)."""
+    model = PeftModel.from_pretrained(example.tiny_llama(seed=3), adapter).eval()
+    texts = [item.text for item in load_dataset("trec", seed=3).validation[:8]]
+    sequences = example.tokenize(texts, example.encode_ascii, example.TINY_EOS, 32)
+    with torch.no_grad():
+        total = example.summed_loss(model, example.pad_batch(sequences, example.TINY_PAD, torch.device("cpu")))
+    return model, total.item() / example.predicted_tokens(sequences)
 
 
 def test_every_combination_ran_sharded(two_processes, one_process):
@@ -90,18 +118,10 @@ def test_two_processes_match_one_process(two_processes, one_process, structure, 
     parameters (2e-5 in a monarch adapter-mode bias, lr 1e-2). The tolerance lr / 50 is still far below what a
     wrong split of the batch or a lost gradient gives (coordinates that step the other way, a change of order lr).
     """
-    sharded, single = two_processes[structure, mode], one_process[structure, mode]
-    assert sharded["trainable_params"] == single["trainable_params"] > 0
-    assert sharded["losses"] == pytest.approx(single["losses"], abs=1e-5)
-    assert sharded["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-5)
-    assert sharded["eval_loss"] < sharded["losses"][0]  # it learnt something
-    theirs = load_file(Path(sharded["adapter"]) / "adapter_model.safetensors")
-    ours = load_file(Path(single["adapter"]) / "adapter_model.safetensors")
-    assert theirs.keys() == ours.keys()
+    single = one_process[structure, mode]
+    ours = assert_sharded_matches_single(two_processes[structure, mode], single)
     assert all("surm_" in name for name in ours)  # the frozen base weights were neither gathered nor saved
     assert sum(tensor.numel() for tensor in ours.values()) == single["trainable_params"]
-    for name in ours:
-        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=single["lr"] / 50)
     # Every adapter starts as the identity map (zero update), so trained values must have moved.
     assert max(tensor.abs().max().item() for tensor in ours.values()) > 1e-3
 
@@ -110,13 +130,9 @@ def test_two_processes_match_one_process(two_processes, one_process, structure, 
 def test_saved_adapter_reloads_in_one_process(two_processes, example, structure, mode):
     """The adapter written by rank 0, loaded into a fresh unsharded tiny Llama, gives the sharded model's loss."""
     run = two_processes[structure, mode]
-    model = PeftModel.from_pretrained(example.tiny_llama(seed=3), run["adapter"]).eval()
+    model, loss = reloaded(example, run["adapter"])
     assert model.peft_config["default"].structure == structure and model.peft_config["default"].mode == mode
-    texts = [item.text for item in load_dataset("trec", seed=3).validation[:8]]
-    sequences = example.tokenize(texts, example.encode_ascii, example.TINY_EOS, 32)
-    with torch.no_grad():
-        total = example.summed_loss(model, example.pad_batch(sequences, example.TINY_PAD, torch.device("cpu")))
-    assert total.item() / example.predicted_tokens(sequences) == pytest.approx(run["eval_loss"], abs=1e-5)
+    assert loss == pytest.approx(run["eval_loss"], abs=1e-5)
 
 
 def test_bfloat16_base_mixed_precision_and_cpu_offload_run(tmp_path, one_process):
@@ -156,22 +172,11 @@ def test_cuda_nccl_fsdp_with_pinned_cpu_offload_matches_one_process_and_reloads(
     sharded = trained(tmp_path / "fsdp", "--device", "cuda", "--cpu-offload", processes=1)
     single = trained(tmp_path / "single", "--device", "cuda")
     assert sorted(sharded) == sorted(single) == sorted(COMBINATIONS)
-    texts = [item.text for item in load_dataset("trec", seed=3).validation[:8]]
-    sequences = example.tokenize(texts, example.encode_ascii, example.TINY_EOS, 32)
-    batch = example.pad_batch(sequences, example.TINY_PAD, torch.device("cpu"))
     for key, run in sharded.items():
-        assert run["fsdp_units"] == 2 and run["trainable_params"] == single[key]["trainable_params"]
-        assert run["losses"] == pytest.approx(single[key]["losses"], abs=1e-5), key
-        assert run["eval_loss"] < run["losses"][0]
-        theirs = load_file(Path(run["adapter"]) / "adapter_model.safetensors")
-        ours = load_file(Path(single[key]["adapter"]) / "adapter_model.safetensors")
-        assert theirs.keys() == ours.keys()
-        for name in ours:
-            torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=run["lr"] / 50)
-        model = PeftModel.from_pretrained(example.tiny_llama(seed=3), run["adapter"]).eval()
-        with torch.no_grad():
-            total = example.summed_loss(model, batch)
-        assert total.item() / example.predicted_tokens(sequences) == pytest.approx(run["eval_loss"], abs=1e-4), key
+        assert run["fsdp_units"] == 2, key
+        assert_sharded_matches_single(run, single[key])
+        _, loss = reloaded(example, run["adapter"])  # on the CPU
+        assert loss == pytest.approx(run["eval_loss"], abs=1e-4), key
 
 
 @pytest.mark.parametrize("args, message", [
