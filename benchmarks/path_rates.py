@@ -1,9 +1,11 @@
 """Fit the execution cost model's rates (:data:`surm.execution.RATES`) to path times measured on this machine.
 
-For every layer shape and token count of a grid, and for training (forward + backward of a frozen Linear whose
-input gradient is needed, as inside a network) and inference (forward without gradients), each surm family at its
-default options is timed inside a PEFT-wrapped Linear with each execution path forced, against the bare Linear, all
-configurations of a cell interleaved (:func:`surm.commands.measure.time_interleaved`). A path's *added* time is its
+For every layer shape and token count of a grid, and for each mode of :data:`MODES` (training: forward + backward
+of a frozen Linear whose input gradient is needed, as inside a network; inference: forward without gradients in
+train mode, nothing reused; eval: forward without gradients in eval mode, as in generation, where the FFT families
+and Monarch reuse what they derive from their parameters), each surm family at its default options is timed
+inside a PEFT-wrapped Linear with each execution path forced, against the bare Linear, all configurations of a cell
+interleaved (:func:`surm.commands.measure.time_interleaved`). A path's *added* time is its
 median minus the bare layer's; its work, by kind, is :func:`surm.execution.path_costs` (folded, as in a SurmLayer),
 computed by the code that fits (not stored with the times), so a change of the cost model is fitted again from
 saved measurements with ``--fit``.
@@ -55,14 +57,18 @@ TOKENS: tuple[int, ...] = (1, 16, 256, 2048, 8192)
 QUICK_SHAPES: tuple[tuple[int, int], ...] = ((32, 48),)
 QUICK_TOKENS: tuple[int, ...] = (4, 64)
 KINDS: tuple[str, ...] = tuple(f.name for f in fields(DeviceRates))
+#: The measured modes (module docstring); a saved file may hold any of them.
+MODES: tuple[str, ...] = ("train", "inference", "eval")
 #: What a measured cell holds (its costs are computed by the code that fits).
 CELL_KEYS = ("out_features", "in_features", "tokens", "mode", "family", "path", "bare_s", "added_s")
 #: The rate of a kind whose fitted time per unit is zero (its work was never measurable next to the others').
 UNBOUNDED_RATE = 1e18
 
 
-def measure_cell(shape: tuple[int, int], tokens: int, device: str, warmup: int, repeats: int) -> list[dict]:
-    """Added times of every family and path on one shape and token count, both modes."""
+def measure_cell(
+    shape: tuple[int, int], tokens: int, device: str, warmup: int, repeats: int, modes: Sequence[str] = MODES
+) -> list[dict]:
+    """Added times of every family and path on one shape and token count, in each of ``modes``."""
     out_features, in_features = shape
     torch.manual_seed(0)
     base = OneLinear(out_features, in_features).to(device).requires_grad_(False)
@@ -76,9 +82,13 @@ def measure_cell(shape: tuple[int, int], tokens: int, device: str, warmup: int, 
 
     cells = []
     calls = {"train": lambda model: layer_training_step(model, x, probe),
-             "inference": lambda model: layer_inference(model, x)}
-    for mode, make in calls.items():
-        times = time_interleaved({name: make(model) for name, model in models.items()}, warmup, repeats, device)
+             "inference": lambda model: layer_inference(model, x),
+             "eval": lambda model: layer_inference(model, x)}
+    for mode in modes:
+        for model in models.values():
+            model.train(mode != "eval")
+        times = time_interleaved({name: calls[mode](model) for name, model in models.items()}, warmup, repeats,
+                                 device)
         bare = statistics.median(times["bare"])
         for family in STRUCTURES:
             for path in PATHS:
@@ -90,7 +100,8 @@ def measure_cell(shape: tuple[int, int], tokens: int, device: str, warmup: int, 
 
 @functools.lru_cache(maxsize=None)
 def _costs(family: str, out_features: int, in_features: int, tokens: int, mode: str) -> dict[str, Cost]:
-    return path_costs(structure(family, out_features, in_features), tokens, folded=True, backward=mode == "train")
+    return path_costs(structure(family, out_features, in_features), tokens, folded=True, backward=mode == "train",
+                      reused=mode == "eval")
 
 
 def cell_cost(cell: dict) -> Cost:
@@ -99,11 +110,11 @@ def cell_cost(cell: dict) -> Cost:
 
 
 def measure(shapes: Sequence[tuple[int, int]], token_counts: Sequence[int], device: str, warmup: int,
-            repeats: int) -> list[dict]:
+            repeats: int, modes: Sequence[str] = MODES) -> list[dict]:
     cells = []
     for shape in shapes:
         for tokens in token_counts:
-            cells += measure_cell(shape, tokens, device, warmup, repeats)
+            cells += measure_cell(shape, tokens, device, warmup, repeats, modes)
             print(f"measured {shape[0]} x {shape[1]}, {tokens} tokens", file=sys.stderr, flush=True)
     return cells
 
@@ -176,7 +187,8 @@ def report(cells: list[dict], device: str) -> tuple[str, dict[str, Any]]:
     tokens = sorted({c["tokens"] for c in cells})
     lines = [f"### Cost-model rates fitted on {device}: {len(cells)} measured paths", "",
              f"Shapes (out x in) {', '.join(f'{o} x {i}' for o, i in shapes)}; tokens {', '.join(map(str, tokens))}; "
-             "training and inference; every family at its default options, both paths.", "",
+             f"modes {', '.join(sorted({c['mode'] for c in cells}))}; every family at its default options, "
+             "both paths.", "",
              "| rates | " + " | ".join(KINDS) + " | auto picks the faster path | added ms lost / fastest paths' ms |",
              "|---|" + "---:|" * (len(KINDS) + 2)]
     for name in ("current", "fitted"):
@@ -215,6 +227,14 @@ def token_list(text: str) -> tuple[int, ...]:
     return counts
 
 
+def mode_list(text: str) -> tuple[str, ...]:
+    """``"train,eval"`` -> ("train", "eval"); anything else is an argparse error naming it and the valid modes."""
+    modes = tuple(text.split(","))
+    if not set(modes) <= set(MODES) or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"modes must be distinct names among {','.join(MODES)}, got {text!r}")
+    return modes
+
+
 def read_measurements(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """A file this script wrote with ``--output``, or an argparse error naming what is wrong with it."""
     try:
@@ -222,8 +242,10 @@ def read_measurements(path: Path, parser: argparse.ArgumentParser) -> dict[str, 
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         parser.error(f"--fit {path}: cannot read it as JSON ({error})")
     if not (isinstance(saved, dict) and isinstance(saved.get("cells"), list) and saved.get("device") in ("cpu", "cuda")
-            and all(isinstance(c, dict) and all(k in c for k in CELL_KEYS) for c in saved["cells"])):
-        parser.error(f"--fit {path}: not measurements written by this script (a device and cells with {CELL_KEYS})")
+            and all(isinstance(c, dict) and all(k in c for k in CELL_KEYS) and c["mode"] in MODES
+                    for c in saved["cells"])):
+        parser.error(f"--fit {path}: not measurements written by this script (a device and cells with {CELL_KEYS}, "
+                     f"modes among {MODES})")
     saved["cells"] = [{key: cell[key] for key in CELL_KEYS} for cell in saved["cells"]]  # the measurements only
     return saved
 
@@ -238,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", type=shape_list,
                         help="OUTxIN,... (default: %s)" % ",".join(f"{o}x{i}" for o, i in SHAPES))
     parser.add_argument("--tokens", type=token_list, help="N,... (default: %s)" % ",".join(map(str, TOKENS)))
+    parser.add_argument("--modes", type=mode_list, default=MODES,
+                        help="M,... among %s (default: all)" % ",".join(MODES))
     parser.add_argument("--output", type=Path, help="write the measurements and the fit to FILE (JSON) and FILE.md")
     parser.add_argument("--fit", type=Path, nargs="+", metavar="FILE",
                         help="no measuring: fit and report from saved FILEs (of one device)")
@@ -255,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
         token_counts = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
-        cells, device = measure(shapes, token_counts, args.device, args.warmup, args.repeats), args.device
+        cells = measure(shapes, token_counts, args.device, args.warmup, args.repeats, args.modes)
+        device = args.device
         torch_version = torch.__version__
     markdown, results = report(cells, device)
     print(markdown)

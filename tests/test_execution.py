@@ -89,10 +89,15 @@ def test_auto_takes_the_cheaper_path_by_the_cost_model():
     matrix = surm.structure("circulant", 384, 384)
     for tokens in (1, 64, 2048, 65536):
         for folded in (False, True):
-            for backward in (False, True):
-                seconds = path_seconds(matrix, tokens, folded=folded, backward=backward)
+            for backward, reused in ((False, False), (True, False), (False, True)):
+                seconds = path_seconds(matrix, tokens, folded=folded, backward=backward, reused=reused)
                 cheaper = min(seconds, key=seconds.get)
-                assert choose_path("auto", matrix, tokens, folded=folded, backward=backward) == cheaper
+                assert choose_path("auto", matrix, tokens, folded=folded, backward=backward, reused=reused) == cheaper
+    # A kept spectrum makes the structured path cheaper, and only that path.
+    kept, rebuilt = (path_seconds(matrix, 1, folded=True, backward=False, reused=r) for r in (True, False))
+    assert kept["structured"] < rebuilt["structured"] and kept["dense"] == rebuilt["dense"]
+    with pytest.raises(ValueError, match=r"reused values apply only to calls that record no gradient"):
+        path_seconds(matrix, 1, folded=True, backward=True, reused=True)
     # One row without gradients does not pay for building an n x n matrix; without gradients, folding into the base
     # product is free once there are enough rows; in training the dense path's weight gradient grows as T n^2.
     assert choose_path("auto", matrix, 1, folded=False, backward=False) == "structured"
@@ -136,9 +141,13 @@ class OperatorCount(TorchDispatchMode):
 
 
 def dispatched_calls(module: nn.Module, x: torch.Tensor, backward: bool) -> int:
-    """Operators of ``module(x)``, and of its backward if ``backward`` (seeded with a gradient made beforehand)."""
+    """Operators of ``module(x)``, and of its backward if ``backward`` (seeded with a gradient made beforehand).
+
+    A first, uncounted call fills the caches an eval-mode module keeps (and gives the seed's shape).
+    """
     with torch.set_grad_enabled(backward):
-        seed = torch.ones(*x.shape[:-1], module(x).shape[-1]) if backward else None
+        first = module(x)
+        seed = torch.ones_like(first) if backward else None
         with OperatorCount() as counter:
             y = module(x)
             if backward:
@@ -150,7 +159,9 @@ def dispatched_calls(module: nn.Module, x: torch.Tensor, backward: bool) -> int:
 @pytest.mark.parametrize("tokens", [4, 256])  # Monarch switches to its factor form from 64 tokens
 def test_declared_operator_calls_match_the_operators_dispatched(name, options, tokens):
     """Cost.calls of each path (inside a SurmLayer, folded, and in a standalone DeltaUpdate) within 2 operators or
-    25 % of what PyTorch dispatches, views aside: the cost model's fixed cost per call counts real calls."""
+    25 % of what PyTorch dispatches, views aside: the cost model's fixed cost per call counts real calls. Training
+    (forward and backward), inference in train mode (nothing reused) and in eval mode (the family's cached values
+    reused, as in generation)."""
     m, n = 24, 36
     x = torch.randn(tokens, n)
     for path in PATHS:
@@ -161,15 +172,17 @@ def test_declared_operator_calls_match_the_operators_dispatched(name, options, t
         model = peft.get_peft_model(OneLinear(m, n).requires_grad_(False), config)
         matrix = model.base_model.model.proj.surm_delta["default"].matrix
         update = surm.DeltaUpdate(matrix, execution=path)
-        for backward in (False, True):
+        for backward, reused in ((False, False), (True, False), (False, True)):
+            for module in (model, update):
+                module.train(not reused)
             inputs = x.clone().requires_grad_(backward)
             for folded, measured in (
                 (True, dispatched_calls(model, inputs, backward) - dispatched_calls(bare, inputs, backward)),
                 (False, dispatched_calls(update, inputs, backward)),
             ):
-                declared = path_costs(matrix, tokens, folded=folded, backward=backward)[path].calls
-                assert abs(declared - measured) <= max(2, 0.25 * measured), (path, folded, backward, declared,
-                                                                              measured)
+                declared = path_costs(matrix, tokens, folded=folded, backward=backward, reused=reused)[path].calls
+                assert abs(declared - measured) <= max(2, 0.25 * measured), (path, folded, backward, reused,
+                                                                              declared, measured)
 
 
 def test_unknown_execution_names_the_valid_ones():

@@ -50,29 +50,34 @@ def forget(model: nn.Module) -> None:
 
 def test_the_remembered_path_is_the_cost_models_choice_for_every_signature():
     update = surm.DeltaUpdate(surm.structure("circulant", 384, 384))
-    auto: dict[tuple[int, bool, bool], str] = {}  # (tokens, folded, backward) -> auto's answer on the CPU
+    # (tokens, folded, backward, reused) -> auto's answer on the CPU
+    auto: dict[tuple[int, bool, bool, bool], str] = {}
     for frozen in (False, True):
         update.matrix.requires_grad_(not frozen)
-        for execution in EXECUTIONS:
-            update.execution = execution  # a changed setting is part of the signature
-            for device in ("cpu", "meta"):
-                for tokens in TOKENS:
-                    for folded in (False, True):
-                        for grad in (False, True):
-                            for requires_grad in (False, True):
-                                x = torch.empty(tokens, 384, device=device, requires_grad=requires_grad)
-                                backward = grad and (requires_grad or not frozen)
-                                want = choose_path(execution, update.matrix, tokens, folded=folded,
-                                                   backward=backward, device_type=device)
-                                with torch.set_grad_enabled(grad):
-                                    assert update.path(x, folded=folded) == want  # computed
-                                    assert update.path(x, folded=folded) == want  # remembered
-                                if execution == "auto" and device == "cpu":
-                                    auto[tokens, folded, backward] = want
+        for training in (True, False):
+            update.train(training)
+            for execution in EXECUTIONS:
+                update.execution = execution  # a changed setting is part of the signature
+                for device in ("cpu", "meta"):
+                    for tokens in TOKENS:
+                        for folded in (False, True):
+                            for grad in (False, True):
+                                for requires_grad in (False, True):
+                                    x = torch.empty(tokens, 384, device=device, requires_grad=requires_grad)
+                                    backward = grad and (requires_grad or not frozen)
+                                    reused = not backward and not training
+                                    want = choose_path(execution, update.matrix, tokens, folded=folded,
+                                                       backward=backward, reused=reused, device_type=device)
+                                    with torch.set_grad_enabled(grad):
+                                        assert update.path(x, folded=folded) == want  # computed
+                                        assert update.path(x, folded=folded) == want  # remembered
+                                    if execution == "auto" and device == "cpu":
+                                        auto[tokens, folded, backward, reused] = want
     # Auto's answer changes with each input of the signature here, so a key that missed one would have failed above.
-    assert any(auto[t, f, False] != auto[t, f, True] for t in TOKENS for f in (False, True))
-    assert any(auto[t, False, b] != auto[t, True, b] for t in TOKENS for b in (False, True))
-    assert any(auto[1, f, b] != auto[TOKENS[-1], f, b] for f in (False, True) for b in (False, True))
+    assert any(auto[t, f, False, False] != auto[t, f, True, False] for t in TOKENS for f in (False, True))
+    assert any(auto[t, False, b, False] != auto[t, True, b, False] for t in TOKENS for b in (False, True))
+    assert any(auto[1, f, b, False] != auto[TOKENS[-1], f, b, False] for f in (False, True) for b in (False, True))
+    assert any(auto[t, f, False, False] != auto[t, f, False, True] for t in TOKENS for f in (False, True))
 
 
 def test_the_memory_is_bounded():

@@ -25,7 +25,7 @@ def synthetic_cells(script, rates: DeviceRates) -> list[dict]:
     cells = []
     for out_features, in_features in ((48, 48), (96, 32), (32, 96)):
         for tokens in (1, 16, 512):
-            for mode in ("train", "inference"):
+            for mode in script.MODES:
                 for family in ("circulant", "monarch", "ldr"):
                     for path in ("structured", "dense"):
                         cell = {"out_features": out_features, "in_features": in_features, "tokens": tokens,
@@ -60,6 +60,8 @@ def test_decisions_with_the_true_rates_are_all_right_and_wrong_rates_lose_time(r
     (["--shapes", "3x"], "shapes must be OUTxIN,... with positive integers, got '3x'"),
     (["--shapes", "0x4"], "got '0x4'"),
     (["--tokens", "1,0"], "tokens must be N,... with positive integers, got '1,0'"),
+    (["--modes", "train,generate"], "modes must be distinct names among train,inference,eval, got 'train,generate'"),
+    (["--modes", "eval,eval"], "got 'eval,eval'"),
     (["--fit", "no/such.json"], "--fit no/such.json: cannot read it as JSON"),
 ])
 def test_bad_input_is_a_one_line_error(rates_script, argv, message, capsys):
@@ -84,7 +86,8 @@ def test_a_quick_measurement_writes_the_report_and_refits_from_it(rates_script, 
     saved = json.loads(output.read_text())
     families = {cell["family"] for cell in saved["cells"]}
     assert saved["device"] == "cpu" and len(families) == 7
-    assert len(saved["cells"]) == 7 * 2 * 2 * len(rates_script.QUICK_TOKENS)  # families x paths x modes x tokens
+    assert len(saved["cells"]) == 7 * 2 * 3 * len(rates_script.QUICK_TOKENS)  # families x paths x modes x tokens
+    assert {cell["mode"] for cell in saved["cells"]} == {"train", "inference", "eval"}
     assert set(saved["fitted"]) == set(rates_script.KINDS)
     assert "| fitted |" in output.with_suffix(".md").read_text()
     capsys.readouterr()

@@ -66,7 +66,7 @@ class BlockDiagonal(StructuredMatrix):
     def num_parameters(self) -> int:
         return self.count * self.block**2
 
-    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+    def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
         flops = 2 * tokens * self.count * self.block**2
         return Cost(small_gemm=thin_flops((3 if backward else 1) * flops, self.block),
                     elementwise=tokens * (self.count * self.block + self.out_features))

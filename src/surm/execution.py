@@ -11,8 +11,10 @@ Two ways to compute ``s · M x`` for T tokens:
   a standalone :class:`~surm.insertion.DeltaUpdate` multiplies separately.
 
 ``execution="auto"`` compares the two costs, in seconds from :data:`RATES`, for the actual token count, layer
-shape, device and whether a backward pass is needed, and takes the cheaper; ``"structured"`` and ``"dense"`` force
-a path. Both paths compute the same matrix product (they agree to float rounding; the tests check float64).
+shape, device, whether a backward pass is needed and whether the structured path reuses what its family derives from
+the parameters alone (eval-mode calls without gradients: generation), and takes the cheaper; ``"structured"`` and
+``"dense"`` force a path. Both paths compute the same matrix product (they agree to float rounding; the tests check
+float64).
 
 The cost of each path is the work the family reports (:meth:`~surm.structures.StructuredMatrix.structured_cost`,
 :meth:`~surm.structures.StructuredMatrix.dense_cost`) weighted by per-kind rates measured on the reference CPU
@@ -92,7 +94,9 @@ def check_execution(execution: object) -> str:
     return execution  # type: ignore[return-value]
 
 
-def path_costs(matrix: StructuredMatrix, tokens: int, *, folded: bool, backward: bool) -> dict[str, Cost]:
+def path_costs(
+    matrix: StructuredMatrix, tokens: int, *, folded: bool, backward: bool, reused: bool = False
+) -> dict[str, Cost]:
     """The work of each path for applying ``matrix`` to ``tokens`` rows (arguments as :func:`path_seconds`)."""
     m, n = matrix.out_features, matrix.in_features
     dense = matrix.dense_cost(backward)
@@ -104,12 +108,15 @@ def path_costs(matrix: StructuredMatrix, tokens: int, *, folded: bool, backward:
     else:
         dense = dense + Cost(gemm=(3 if backward else 1) * 2 * tokens * m * n, elementwise=m * n + tokens * m)
         dense = dense + operator_calls(*SEPARATE_DENSE_CALLS, backward)
-    structured = matrix.structured_cost(tokens, backward) + operator_calls(*STRUCTURED_CALLS, backward)
+    if reused and backward:
+        raise ValueError("reused values apply only to calls that record no gradient (backward=False)")
+    structured = matrix.structured_cost(tokens, backward, reused=reused) + operator_calls(*STRUCTURED_CALLS, backward)
     return {"structured": structured, "dense": dense}
 
 
 def path_seconds(
-    matrix: StructuredMatrix, tokens: int, *, folded: bool, backward: bool, device_type: str = "cpu"
+    matrix: StructuredMatrix, tokens: int, *, folded: bool, backward: bool, reused: bool = False,
+    device_type: str = "cpu",
 ) -> dict[str, float]:
     """Estimated seconds of each path for applying ``matrix`` to ``tokens`` rows.
 
@@ -120,18 +127,23 @@ def path_seconds(
             both), False if it multiplies separately.
         backward: True if a backward pass follows (training): the dense path then pays the weight-gradient
             product, the structured path its own backward.
+        reused: True for an eval-mode call that records no gradient (generation, evaluation): the structured path
+            then takes the values its family derives from the parameters alone (FFT spectra, Monarch's factors)
+            from their cache instead of computing them (:mod:`surm.structures._reuse`); the dense path keeps
+            nothing (dense(M) is the size of the base weight) and is built on every call.
         device_type: ``"cpu"``, ``"cuda"``; other types use the CUDA rates.
 
     Returns:
         ``{"structured": seconds, "dense": seconds}``.
     """
     rates = RATES.get(device_type, RATES["cuda"])
-    costs = path_costs(matrix, tokens, folded=folded, backward=backward)
+    costs = path_costs(matrix, tokens, folded=folded, backward=backward, reused=reused)
     return {path: rates.seconds(cost) for path, cost in costs.items()}
 
 
 def choose_path(
-    execution: str, matrix: StructuredMatrix, tokens: int, *, folded: bool, backward: bool, device_type: str = "cpu"
+    execution: str, matrix: StructuredMatrix, tokens: int, *, folded: bool, backward: bool, reused: bool = False,
+    device_type: str = "cpu",
 ) -> str:
     """The path to take: ``execution`` itself if it forces one, else the cheaper by :func:`path_seconds`.
 
@@ -139,7 +151,7 @@ def choose_path(
     the dense path would still build dense(M).
 
     Raises:
-        ValueError: if ``tokens`` is negative.
+        ValueError: if ``tokens`` is negative, or ``reused`` is asked with ``backward``.
     """
     if tokens < 0:
         raise ValueError(f"tokens must be >= 0 (the rows of x), got {tokens!r}")
@@ -147,5 +159,5 @@ def choose_path(
         return execution
     if tokens == 0:
         return "structured"
-    seconds = path_seconds(matrix, tokens, folded=folded, backward=backward, device_type=device_type)
+    seconds = path_seconds(matrix, tokens, folded=folded, backward=backward, reused=reused, device_type=device_type)
     return "dense" if seconds["dense"] < seconds["structured"] else "structured"

@@ -69,7 +69,7 @@ class DeltaUpdate(nn.Module):
         self.alpha = alpha
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.execution = check_execution(execution)
-        self._paths: dict[tuple[str, int, bool, bool, str], str] = {}
+        self._paths: dict[tuple[str, int, bool, bool, bool, str], str] = {}
 
     @property
     def has_dropout(self) -> bool:
@@ -82,18 +82,21 @@ class DeltaUpdate(nn.Module):
         ``folded`` says whether the dense path would share the base layer's product (inside a SurmLayer).
 
         The answer is :func:`~surm.execution.choose_path` of the call's signature (``execution``, token count,
-        ``folded``, whether a backward pass follows, device type); all else it reads (the matrix's shape and
-        options, fixed at construction, and the constant :data:`~surm.execution.RATES`) never changes, so each
-        signature's answer is remembered (up to :data:`PATH_CACHE_SIZE`). Evaluating the cost model costs about as
-        much as a small layer's product, and a generating LLM calls every layer with the same signature for each
-        new token. Changing ``execution``, the grad mode, ``requires_grad`` or the device changes the signature, so
-        no answer goes stale. Under ``torch.compile`` the choice is traced (and guarded) as plain code instead.
+        ``folded``, whether a backward pass follows, whether the matrix may reuse its cached values: eval mode and
+        no backward, device type); all else it reads (the matrix's shape and options, fixed at construction, and
+        the constant :data:`~surm.execution.RATES`) never changes, so each signature's answer is remembered (up to
+        :data:`PATH_CACHE_SIZE`). Evaluating the cost model costs about as much as a small layer's product, and a
+        generating LLM calls every layer with the same signature for each new token. Changing ``execution``, the
+        grad mode, ``requires_grad``, train/eval mode or the device changes the signature, so no answer goes
+        stale. Under ``torch.compile`` the choice is traced (and guarded) as plain code instead.
         """
         tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
         # Grad mode off (generation) or an input that requires a gradient (training) settles it without walking
         # the parameters; only a grad-mode call on a constant input asks them.
         backward = torch.is_grad_enabled() and (x.requires_grad or records_gradient(*self.matrix.parameters()))
-        key = (self.execution, tokens, folded, backward, x.device.type)
+        # As the matrix's forward decides (surm.structures._reuse.reusable); under torch.compile it reuses nothing.
+        reused = not backward and not self.matrix.training and not torch.compiler.is_compiling()
+        key = (self.execution, tokens, folded, backward, reused, x.device.type)
         if torch.compiler.is_compiling():
             return self._choose(*key)
         path = self._paths.get(key)
@@ -103,8 +106,9 @@ class DeltaUpdate(nn.Module):
             path = self._paths[key] = self._choose(*key)
         return path
 
-    def _choose(self, execution: str, tokens: int, folded: bool, backward: bool, device_type: str) -> str:
-        return choose_path(execution, self.matrix, tokens, folded=folded, backward=backward, device_type=device_type)
+    def _choose(self, execution: str, tokens: int, folded: bool, backward: bool, reused: bool, device_type: str) -> str:
+        return choose_path(execution, self.matrix, tokens, folded=folded, backward=backward, reused=reused,
+                           device_type=device_type)
 
     def forward(self, x: Tensor, path: Optional[str] = None) -> Tensor:
         """(..., in_features) -> (..., out_features), in the dtype of x.

@@ -533,16 +533,20 @@ def run_paths(config: BenchConfig) -> dict[str, Any]:
             matrix = layer.surm_delta["default"].matrix
             rows[label] = {"family": family, "execution": execution, "model_ms": {
                 mode: 1e3 * path_seconds(matrix, tokens, folded=True, backward=mode == "train",
-                                         device_type=device)[execution] for mode in ("train", "inference")}}
+                                         reused=mode == "inference", device_type=device)[execution]
+                for mode in ("train", "inference")}}
             auto = DeltaUpdate(matrix)  # the same M under execution="auto"
             with torch.enable_grad():
                 rows[label]["auto_train"] = auto.path(x.detach().requires_grad_(True), folded=True)
             with torch.no_grad():
-                rows[label]["auto_inference"] = auto.path(x, folded=True)
+                rows[label]["auto_inference"] = auto.eval().path(x, folded=True)
+            auto.train()  # the matrix is the layer's: leave it in its mode
 
     repeats = max(config.repeats, 3 if config.quick else 20)
     train = time_interleaved({k: layer_training_step(m, x, probe) for k, m in layers.items()}, config.warmup,
                              repeats, device)
+    for model in layers.values():
+        model.eval()  # inference as in evaluation and generation: the families' cached values are reused
     infer = time_interleaved({k: layer_inference(m, x) for k, m in layers.items()}, config.warmup, repeats, device)
     for label in layers:
         rows[label]["train_s"], rows[label]["inference_s"] = train[label], infer[label]
@@ -559,7 +563,8 @@ def paths_table(results: dict[str, Any], config: BenchConfig) -> str:
         f"### Execution paths on one {n} x {n} layer, {tokens} tokens ({config.device}, {_threads(config)})",
         "",
         "Added time over the bare frozen layer (whose input gradient is computed in both): training = forward + "
-        "backward, inference = forward without gradients. *model* = the cost model's estimate (surm.execution, "
+        "backward, inference = forward without gradients in eval mode (the values a family derives from its "
+        "parameters alone, e.g. FFT spectra, reused across calls). *model* = the cost model's estimate (surm.execution, "
         f"with its {config.device} rates, fitted on the reference machines); *auto* = the path "
         "`execution=\"auto\"` takes here.",
         "",

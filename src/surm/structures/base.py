@@ -127,8 +127,13 @@ class StructuredMatrix(nn.Module, ABC):
         """Return the number of trainable numbers, computed from the closed formula of the family."""
 
     @abstractmethod
-    def structured_cost(self, tokens: int, backward: bool) -> Cost:
-        """The work of ``forward`` on ``tokens`` rows, plus its backward (input and parameter gradients) if asked."""
+    def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
+        """The work of ``forward`` on ``tokens`` rows, plus its backward (input and parameter gradients) if asked.
+
+        ``reused`` (only without ``backward``): the call takes what the family derives from its parameters alone
+        (FFT spectra, Monarch's factors) from its cache (:mod:`surm.structures._reuse`: an eval-mode call that
+        records no gradient, as in generation), so that work is not paid. A family that keeps nothing ignores it.
+        """
 
     @abstractmethod
     def dense_cost(self, backward: bool) -> Cost:

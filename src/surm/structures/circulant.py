@@ -91,11 +91,13 @@ class Circulant(StructuredMatrix):
     def num_parameters(self) -> int:
         return self.size * (2 if self.parameterization == "product" else 1)
 
-    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+    def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
         fft, elementwise = circular_convolution_work(tokens, self.size, backward)
+        work = Cost(fft=fft, elementwise=elementwise + tokens * self.out_features)
+        if reused:  # rfft(x), the product with the kept spectrum, irfft
+            return work + operator_calls(3, 0, False)
         product = self.factor is not None  # c * factor: one more product, and its gradients
-        return Cost(fft=fft, elementwise=elementwise + tokens * self.out_features) + operator_calls(
-            5 + product, 10 + 2 * product, backward)
+        return work + operator_calls(5 + product, 10 + 2 * product, backward)
 
     def dense_cost(self, backward: bool) -> Cost:
         product = self.factor is not None

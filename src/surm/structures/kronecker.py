@@ -127,7 +127,7 @@ class Kronecker(StructuredMatrix):
         (m1, n1), (m2, n2) = self.factors, self.second_shape
         return self.terms * (m1 * n1 + m2 * n2)
 
-    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+    def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
         (m1, n1), (m2, n2) = self.factors, self.second_shape
         flops = 2 * tokens * self.terms * (n1 * n2 * m2 + m1 * n1 * m2)  # X B_k^T, then A_k (X B_k^T)
         copies = tokens * self.terms * n1 * m2 + tokens * m1 * m2

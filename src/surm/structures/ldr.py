@@ -144,13 +144,14 @@ class LowDisplacementRank(StructuredMatrix):
     def num_parameters(self) -> int:
         return 2 * self.displacement_rank * self.size
 
-    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+    def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
         rows = tokens * self.displacement_rank
         skew_fft, skew_elementwise = circular_convolution_work(rows, self._skew_length(), backward)
         circ_fft, circ_elementwise = circular_convolution_work(rows, self.size, backward)
         folds = (2 if backward else 1) * 2 * rows * self.size  # the sign fold and the sum over r
-        return Cost(fft=skew_fft + circ_fft, elementwise=skew_elementwise + circ_elementwise + folds) + operator_calls(
-            13, 26, backward)
+        work = Cost(fft=skew_fft + circ_fft, elementwise=skew_elementwise + circ_elementwise + folds)
+        # Reused: the kernels' two transforms (and their casts) are kept; two convolutions, the fold and the sum stay.
+        return work + (operator_calls(9, 0, False) if reused else operator_calls(13, 26, backward))
 
     def dense_cost(self, backward: bool) -> Cost:
         fft, elementwise = circular_convolution_work(self.displacement_rank * self.size, self.size, backward)

@@ -63,7 +63,7 @@ class LowRank(StructuredMatrix):
     def num_parameters(self) -> int:
         return self.rank * (self.out_features + self.in_features)
 
-    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+    def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
         # Forward: x A^T, then h B^T. Backward: four more thin products (grad of h, B, A and x).
         flops = 2 * tokens * self.rank * (self.in_features + self.out_features)
         small = thin_flops((3 if backward else 1) * flops, self.rank)

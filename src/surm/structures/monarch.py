@@ -153,14 +153,16 @@ class Monarch(StructuredMatrix):
     def num_parameters(self) -> int:
         return self.block_rank * self.nblocks * (self.block_in + self.block_out)
 
-    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+    def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
         nblocks, rank, p, s = self.nblocks, self.block_rank, self.block_in, self.block_out
-        if self.uses_factors(tokens):
+        if self.uses_factors(tokens, reused):
             inner = nblocks * rank
             flops = 2 * tokens * inner * (self.in_features + self.out_features)
+            products = Cost(small_gemm=thin_flops((3 if backward else 1) * flops, inner))
+            if reused:  # L' and R' kept: the two products alone
+                return products + operator_calls(2, 0, False)
             building = inner * (nblocks * p + nblocks * s)  # L' and R', N times the parameters
-            return Cost(small_gemm=thin_flops((3 if backward else 1) * flops, inner),
-                        elementwise=(2 if backward else 1) * building) + operator_calls(6, 11, backward)
+            return products + Cost(elementwise=(2 if backward else 1) * building) + operator_calls(6, 11, backward)
         flops = 2 * tokens * nblocks * rank * (p + s)
         copies = tokens * (nblocks * p if nblocks * p != self.in_features else 0) + tokens * nblocks * (2 * rank + s)
         small = thin_flops((3 if backward else 1) * flops, rank)

@@ -146,13 +146,16 @@ class Toeplitz(StructuredMatrix):
     def _factor_shapes(self) -> list[tuple[int, int]]:
         return [(rows, cols) for _, rows, cols in self._factors()]
 
-    def structured_cost(self, tokens: int, backward: bool) -> Cost:
+    def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
         total = Cost()
         building_forward, building_backward = self.diagonal_calls
+        # Per factor: the input's padding, its rfft, the product with the kept spectrum and irfft when reused;
+        # otherwise also the diagonals' building and the embedding's transform.
+        calls = operator_calls(4, 0, False) if reused else operator_calls(
+            7 + building_forward, 14 + building_backward, backward)
         for rows, cols in self._factor_shapes():
             fft, elementwise = circular_convolution_work(tokens, toeplitz_length(rows, cols), backward)
-            total = total + Cost(fft=fft, elementwise=elementwise + tokens * rows) + operator_calls(
-                7 + building_forward, 14 + building_backward, backward)
+            total = total + Cost(fft=fft, elementwise=elementwise + tokens * rows) + calls
         return total
 
     def dense_cost(self, backward: bool) -> Cost:
