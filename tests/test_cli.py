@@ -165,6 +165,7 @@ def test_bad_finetune_input_stops_before_training(case, tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["finetune", "--output", "x", "--factors", "5"], "--factors takes two integers"),
     (["finetune", "--output", "x", "--mode", "sideways"], "invalid choice: 'sideways'"),
+    (["finetune", "--output", "x", "--adapter-bias", "maybe"], "expected true or false (or yes/no, 1/0), got 'maybe'"),
     (["finetune", "--structure", "lora"], "the following arguments are required: --output"),
 ])
 def test_malformed_command_lines_exit_2(args, message, tmp_path, monkeypatch):

@@ -138,7 +138,8 @@ class OutputAdapter(nn.Module):
 
     * no bottleneck (SURM-Adapter): ``act(S · dropout(h)) + b`` with S a structured d x d map and b in R^d; with
       S = 0 and b = 0 at start, the adapted output is h (act(0) = 0 for every allowed act, and act'(0) != 0 so
-      S gets a gradient). Parameters: params(S) + d.
+      S gets a gradient). Parameters: params(S) + d; without the bias (``bias=False``), ``act(S · dropout(h))``
+      and params(S): with ``act`` the identity, the adapted output is ``(I + S) h``.
     * ``bottleneck=k`` (Houlsby/Pfeiffer form): ``U act(D · dropout(h))`` with structured D (k x d) and
       U (d x k); U starts at zero (its family's zero init), D random. Parameters: params(D) + params(U).
 
@@ -153,6 +154,7 @@ class OutputAdapter(nn.Module):
         activation: one of ``gelu``, ``tanh``, ``silu``, ``identity``.
         dropout: dropout probability on h before the map.
         identity_init: True for the identity at start; False for a random, non-identity adapter.
+        bias: whether the single d x d map has its bias b (the bottleneck form has none).
 
     Raises:
         ValueError: for an unknown activation (naming the valid ones), or a bottleneck outside 1..d; both are
@@ -168,6 +170,7 @@ class OutputAdapter(nn.Module):
         activation: str = "gelu",
         dropout: float = 0.0,
         identity_init: bool = True,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
@@ -184,7 +187,9 @@ class OutputAdapter(nn.Module):
         init = "zero" if identity_init else "random"
         if bottleneck is None:
             self.map = structure(name, features, features, init=init, **options)
-            self.bias = nn.Parameter(torch.zeros(features) if identity_init else 0.01 * torch.randn(features))
+            self.bias = None
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(features) if identity_init else 0.01 * torch.randn(features))
             self.down = self.up = None
         else:
             self.map = self.bias = None
@@ -196,10 +201,11 @@ class OutputAdapter(nn.Module):
         act = _ACTIVATIONS[self.activation]
         x = _dropped_out(self.dropout, h)
         if self.map is not None:
-            return (act(_upcast(self.map(x))) + self.bias).to(h.dtype)
+            out = act(_upcast(self.map(x)))
+            return (out if self.bias is None else out + self.bias).to(h.dtype)
         return self.up(act(_upcast(self.down(x))).to(h.dtype))
 
     def num_parameters(self) -> int:
         if self.map is not None:
-            return self.map.num_parameters() + self.features
+            return self.map.num_parameters() + (0 if self.bias is None else self.features)
         return self.down.num_parameters() + self.up.num_parameters()

@@ -25,6 +25,19 @@ def is_finite_number(value: Any) -> bool:
     return is_number(value) and math.isfinite(value)
 
 
+def parse_bool(text: str) -> bool:
+    """``"true"``/``"false"`` (any case; also ``yes``/``no``, ``1``/``0``) from the command line as a bool.
+
+    Raises:
+        ValueError: for any other text, naming it and the valid spellings.
+    """
+    spelled = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    value = spelled.get(str(text).strip().lower())
+    if value is None:
+        raise ValueError(f"expected true or false (or yes/no, 1/0), got {text!r}")
+    return value
+
+
 def require_positive_int(name: str, value: Any) -> int:
     """Return ``value`` if it is an integer >= 1, else raise a ValueError naming it."""
     if not is_int(value, minimum=1):

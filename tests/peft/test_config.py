@@ -45,6 +45,9 @@ INVALID_CONFIGS = [
     ({"alpha": "1"}, r"alpha must be a finite number, got '1'"),
     ({"alpha": True}, r"alpha must be a finite number, got True"),
     ({"init_weights": "yes"}, r"init_weights must be True or False, got 'yes'"),
+    ({"mode": "adapter", "adapter_bias": "no"}, r"adapter_bias must be True or False, got 'no'"),
+    ({"adapter_bias": False}, r"adapter_bias=False needs mode='adapter' \(delta mode has no adapter bias\), got "
+                              r"mode='delta'"),
     ({"target_modules": r".*\.up", "layers_to_transform": [0]}, r"layers_to_transform cannot be used when target_modules is a regex"),
     ({"override_pattern": [("up", {})]}, r"override_pattern must be a dict, got list"),
     ({"override_pattern": {"up": "monarch"}}, r"override_pattern\['up'\] must be a dict, got 'monarch'"),
@@ -370,6 +373,15 @@ def test_trainable_parameters_are_the_structure_formulas_plus_modules_to_save(fa
     model.print_trainable_parameters()
     printed = capsys.readouterr().out
     assert re.search(rf"trainable params: {trainable:,} \|\| all params: {total:,}", printed), printed
+
+
+def test_an_adapter_without_its_bias_has_only_the_map_parameters():
+    model = tiny_peft("circulant", "adapter", None, adapter_bias=False)
+    adapters = [layer.surm_adapter["default"] for layer in surm_layers(model).values()]
+    assert all(adapter.bias is None for adapter in adapters)
+    assert sum(adapter.num_parameters() for adapter in adapters) == 2 * (12 + 18 + 12)  # max(m, n) per d x d map
+    assert sum(p.numel() for p in adapter_parameters(model).values()) == 2 * (12 + 18 + 12)
+    assert not any(name.endswith("bias") for name in adapter_parameters(model))
 
 
 # -- serialisation ---------------------------------------------------------------------------------------------

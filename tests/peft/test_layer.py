@@ -262,6 +262,25 @@ def test_adapter_mode_forward_formula(family, activation):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("activation", ["gelu", "identity"])
+def test_adapter_mode_without_its_bias(family, activation):
+    """act(S h) alone; with the identity, the linear h <- (I + S) h, in float64 against the dense S."""
+    base = linear(10, 6).double()
+    layer = make_layer(base, family, mode="adapter", activation=activation, adapter_bias=False).double()
+    adapter = layer.surm_adapter["a"]
+    assert adapter.bias is None and "bias" not in dict(adapter.named_parameters())
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        h = layer.base_layer(x)
+        dense = adapter.map.dense()
+        expected = h + ACTS[activation](h @ dense.T)
+        torch.testing.assert_close(layer(x), expected, atol=1e-12, rtol=1e-12)
+        if activation == "identity":
+            torch.testing.assert_close(layer(x), h @ (torch.eye(10, dtype=torch.float64) + dense).T)
+        assert max_diff(expected, h) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_mode_bottleneck_formula(family):
     layer = make_layer(linear(10, 6), family, mode="adapter", bottleneck=4)
     adapter = layer.surm_adapter["a"]

@@ -68,6 +68,14 @@ def test_a_matching_folder_loads_with_identical_outputs(family, mode, bottleneck
         assert torch.equal(forward(load(tmp_path, name), tiny_input()), expected), name
 
 
+def test_an_adapter_without_its_bias_loads_and_a_config_that_disagrees_is_refused(tmp_path):
+    expected = save(tmp_path, "circulant", "adapter", None, activation="identity", adapter_bias=False)
+    assert torch.equal(forward(load(tmp_path), tiny_input()), expected)
+    edit_config(tmp_path, adapter_bias=True)  # the config now asks for a bias the weights do not hold
+    with pytest.raises(ValueError, match=MISMATCH):
+        load(tmp_path)
+
+
 def test_a_second_named_adapter_loads_into_a_model_that_has_one(tmp_path):
     first = save(tmp_path / "a", "circulant")
     second = save(tmp_path / "b", "toeplitz", "adapter")

@@ -11,7 +11,7 @@ from peft.config import PeftConfig
 from ..execution import EXECUTIONS
 from ..insertion import ACTIVATIONS
 from ..structures import STRUCTURES, option_declarations, structure_options
-from ..validation import is_finite_number, is_int, is_number
+from ..validation import is_finite_number, is_int, is_number, parse_bool
 from .registration import SURM_PEFT_TYPE
 
 MODES = ("delta", "adapter")
@@ -47,6 +47,8 @@ class SurmConfig(PeftConfig):
     ``nn.Conv2d``; mergeable. Mode ``"adapter"``: on the output h of each targeted module,
     ``h <- h + act(S · dropout(h)) + b`` with S a structured d x d map (SURM-Adapter, the identity at start), or
     with ``bottleneck=k``, ``h <- h + U act(D · dropout(h))`` with structured D (k x d), U (d x k), U = 0 at start.
+    With ``adapter_bias=False`` there is no b; with ``activation="identity"`` too, the adapter is the linear
+    ``h <- (I + S) h``, a multiplicative update of the module (W0 x + b0 -> (I + S)(W0 x + b0)).
 
     The family's options (``rank``, ``nblocks``, ``block_rank``, ``factors``, ``terms``, ``displacement_rank``,
     ``parameterization``, ...) are fields too, one per option name a registered family declares; None means the
@@ -77,6 +79,12 @@ class SurmConfig(PeftConfig):
     )
     activation: str = field(
         default="gelu", metadata={"cli": str, "help": f"Adapter mode: the non-linearity act, one of {ACTIVATIONS}."}
+    )
+    adapter_bias: bool = field(
+        default=True,
+        metadata={"cli": parse_bool,
+                  "help": "Adapter mode without a bottleneck: train the bias b of h + act(S h) + b (d more parameters "
+                  "per adapter); false leaves it out (with activation identity: h <- (I + S) h)."},
     )
     execution: str = field(
         default="auto",
@@ -142,6 +150,11 @@ class SurmConfig(PeftConfig):
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.bottleneck is not None and self.mode != "adapter":
             raise ValueError(f"bottleneck={self.bottleneck!r} needs mode='adapter', got mode={self.mode!r}")
+        if not isinstance(self.adapter_bias, bool):
+            raise ValueError(f"adapter_bias must be True or False, got {self.adapter_bias!r}")
+        if not self.adapter_bias and self.mode != "adapter":
+            raise ValueError(f"adapter_bias=False needs mode='adapter' (delta mode has no adapter bias), got "
+                             f"mode={self.mode!r}")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
         if self.execution not in EXECUTIONS:

@@ -242,6 +242,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
                 activation=config.activation,
                 dropout=config.dropout,
                 identity_init=config.init_weights,
+                bias=config.adapter_bias,
             )
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
