@@ -68,9 +68,12 @@ def test_two_processes_match_one_process(two_processes, one_process):
     What differs is the order of float additions: gloo all-reduces the two halves' gradients, and each half is
     padded to its own longest text (other matmul shapes). That moves losses by about 1e-7. Adam divides each
     gradient coordinate by its own running size, so for a coordinate whose gradient is nearly zero that float
-    noise reaches the update; we measured at most 7e-7 in the parameters, which move up to 6e-3 in these two
-    steps (lr 3e-3). atol 1e-5 leaves room for other BLAS builds and is still a hundred times below what a wrong
-    split of the batch (another gradient direction, a change of order lr) gives.
+    noise reaches the update: we measured at most 7e-7 in the parameters on one machine and, on another (same
+    wheels, another CPU), 1.7e-5 in one coordinate of 384 (a 1 % change of that coordinate; the tensor's relative
+    difference 2.3e-4, every other tensor's below 5e-6), in parameters that move up to 6e-3 in these two steps
+    (lr 3e-3). So each tensor must agree to 1e-3 of its norm and every coordinate to 1e-4: room for BLAS builds,
+    and still 30 times below what a wrong split of the batch (another gradient direction, a change of order lr in
+    every coordinate, a relative difference of order 1) gives.
     """
     ddp, single = json.loads((two_processes[1] / "results.json").read_text()), one_process.results
     assert ddp["world_size"] == 2 and single["world_size"] == 1
@@ -84,7 +87,9 @@ def test_two_processes_match_one_process(two_processes, one_process):
     ours = load_file(one_process.output / "adapter" / "adapter_model.safetensors")
     assert theirs.keys() == ours.keys()
     for name in ours:
-        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=1e-4)
+        relative = ((theirs[name] - ours[name]).norm() / ours[name].norm()).item()
+        assert relative < 1e-3, f"{name}: relative difference {relative:.2e}"
         # (the adapters start at zero, the head's bias too: a comparison of untrained values would prove nothing)
         assert ours[name].abs().max() > 1e-4, f"{name} did not train"
 
