@@ -143,7 +143,8 @@ class OutputAdapter(nn.Module):
     * ``bottleneck=k`` (Houlsby/Pfeiffer form): ``U act(D · dropout(h))`` with structured D (k x d) and
       U (d x k); U starts at zero (its family's zero init), D random. Parameters: params(D) + params(U).
 
-    Not mergeable: act is non-linear.
+    Not mergeable: act is non-linear in general, and the linear form (identity act, no bias: ``(I + S) h``) is not
+    merged either (its weight would be ``(I + S) W0``, a product, not a sum of deltas).
 
     Args:
         features: d, the size of h.

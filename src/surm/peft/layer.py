@@ -49,9 +49,10 @@ PROBE_ROWS = 1024
 class NotMergeableError(ValueError):
     """Raised when an adapter cannot be merged into its base weight.
 
-    Either the adapter is in mode 'adapter' (h + act(S h) is not a linear map of x), or the base weight is not a
-    plain floating-point tensor and no quantisation backend can dequantise and requantise it (an integer weight of
-    an unknown ``nn.Linear`` subclass, a forward-only GPTQ / AQLM / EETQ layer).
+    Either the adapter is in mode 'adapter' (h + act(S h) acts on the module's output and is not merged, even in
+    its linear form), or the base weight is not a plain floating-point tensor and no quantisation backend can
+    dequantise and requantise it (an integer weight of an unknown ``nn.Linear`` subclass, a forward-only GPTQ /
+    AQLM / EETQ layer).
     """
 
 

@@ -258,8 +258,8 @@ class SurmModel(BaseTuner):
         adapter_mode = [n for n in names if n in self.peft_config and self.peft_config[n].mode == "adapter"]
         if adapter_mode:
             raise NotMergeableError(
-                f"adapter(s) {adapter_mode} are in mode 'adapter' (h + act(S h), non-linear) and cannot be merged; "
-                "use unload() to remove them or disable_adapter() to bypass them"
+                f"adapter(s) {adapter_mode} are in mode 'adapter' (h + act(S h) acts on the module's output) and "
+                "cannot be merged; use unload() to remove them or disable_adapter() to bypass them"
             )
         for key, layer in self.model.named_modules():
             if not isinstance(layer, SurmLayer):

@@ -11,7 +11,7 @@ union of their layers). Two ways to build it:
 * ``"svd"``: any delta adapters, of any families: in every layer the best rank-r approximation of ΔW (Eckart-Young),
   as a ``lowrank`` adapter of rank ``svd_rank``.
 
-Adapter-mode adapters are non-linear (h + act(S h)) and cannot be combined.
+Adapter-mode adapters (h + act(S h), on the module's output) cannot be combined.
 """
 
 from __future__ import annotations
