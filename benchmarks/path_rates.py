@@ -66,16 +66,18 @@ UNBOUNDED_RATE = 1e18
 
 
 def measure_cell(
-    shape: tuple[int, int], tokens: int, device: str, warmup: int, repeats: int, modes: Sequence[str] = MODES
+    shape: tuple[int, int], tokens: int, device: str, warmup: int, repeats: int, modes: Sequence[str] = MODES,
+    families: Sequence[str] = tuple(STRUCTURES),
 ) -> list[dict]:
-    """Added times of every family and path on one shape and token count, in each of ``modes``."""
+    """Added times of each of ``families`` (default: all) and path on one shape and token count, in each of
+    ``modes``."""
     out_features, in_features = shape
     torch.manual_seed(0)
     base = OneLinear(out_features, in_features).to(device).requires_grad_(False)
     x = torch.randn(tokens, in_features, device=device)
     probe = torch.randn(tokens, out_features, device=device)
     models: dict[str, nn.Module] = {"bare": base}
-    for family in STRUCTURES:
+    for family in families:
         for path in PATHS:
             models[f"{family}/{path}"] = peft.get_peft_model(copy.deepcopy(base), SurmConfig(
                 structure=family, target_modules=["proj"], init_weights=False, execution=path)).to(device)
@@ -90,7 +92,7 @@ def measure_cell(
         times = time_interleaved({name: calls[mode](model) for name, model in models.items()}, warmup, repeats,
                                  device)
         bare = statistics.median(times["bare"])
-        for family in STRUCTURES:
+        for family in families:
             for path in PATHS:
                 cells.append({"out_features": out_features, "in_features": in_features, "tokens": tokens,
                               "mode": mode, "family": family, "path": path, "bare_s": bare,
@@ -110,11 +112,11 @@ def cell_cost(cell: dict) -> Cost:
 
 
 def measure(shapes: Sequence[tuple[int, int]], token_counts: Sequence[int], device: str, warmup: int,
-            repeats: int, modes: Sequence[str] = MODES) -> list[dict]:
+            repeats: int, modes: Sequence[str] = MODES, families: Sequence[str] = tuple(STRUCTURES)) -> list[dict]:
     cells = []
     for shape in shapes:
         for tokens in token_counts:
-            cells += measure_cell(shape, tokens, device, warmup, repeats, modes)
+            cells += measure_cell(shape, tokens, device, warmup, repeats, modes, families)
             print(f"measured {shape[0]} x {shape[1]}, {tokens} tokens", file=sys.stderr, flush=True)
     return cells
 
@@ -235,6 +237,15 @@ def mode_list(text: str) -> tuple[str, ...]:
     return modes
 
 
+def family_list(text: str) -> tuple[str, ...]:
+    """``"kronecker,ldr"`` -> ("kronecker", "ldr"); anything else is an argparse error naming it and the families."""
+    families = tuple(text.split(","))
+    if not set(families) <= set(STRUCTURES) or len(set(families)) != len(families):
+        raise argparse.ArgumentTypeError(
+            f"families must be distinct names among {','.join(STRUCTURES)}, got {text!r}")
+    return families
+
+
 def read_measurements(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """A file this script wrote with ``--output``, or an argparse error naming what is wrong with it."""
     try:
@@ -262,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=token_list, help="N,... (default: %s)" % ",".join(map(str, TOKENS)))
     parser.add_argument("--modes", type=mode_list, default=MODES,
                         help="M,... among %s (default: all)" % ",".join(MODES))
+    parser.add_argument("--families", type=family_list, default=tuple(STRUCTURES),
+                        help="F,... among %s (default: all; e.g. to measure again a family whose code changed)"
+                        % ",".join(STRUCTURES))
     parser.add_argument("--output", type=Path, help="write the measurements and the fit to FILE (JSON) and FILE.md")
     parser.add_argument("--fit", type=Path, nargs="+", metavar="FILE",
                         help="no measuring: fit and report from saved FILEs (of one device)")
@@ -279,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
         token_counts = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
-        cells = measure(shapes, token_counts, args.device, args.warmup, args.repeats, args.modes)
+        cells = measure(shapes, token_counts, args.device, args.warmup, args.repeats, args.modes, args.families)
         device = args.device
         torch_version = torch.__version__
     markdown, results = report(cells, device)

@@ -93,3 +93,16 @@ def test_a_quick_measurement_writes_the_report_and_refits_from_it(rates_script, 
     capsys.readouterr()
     assert rates_script.main(["--fit", str(output)]) == 0  # the same report from the saved measurements
     assert "| fitted, each shape left out of its own fit |" in capsys.readouterr().out
+
+
+def test_families_limits_the_measurement_and_bad_names_are_refused(rates_script, tmp_path, capsys):
+    output = tmp_path / "kronecker.json"
+    assert rates_script.main(["--quick", "--repeats", "2", "--warmup", "1", "--families", "kronecker",
+                              "--modes", "train", "--output", str(output)]) == 0
+    saved = json.loads(output.read_text())
+    assert {cell["family"] for cell in saved["cells"]} == {"kronecker"}
+    assert len(saved["cells"]) == 2 * len(rates_script.QUICK_TOKENS)  # paths x tokens, one mode
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        rates_script.main(["--quick", "--families", "kronecker,butterfly"])
+    assert "families must be distinct names among lowrank," in capsys.readouterr().err
