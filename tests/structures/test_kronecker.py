@@ -88,3 +88,21 @@ def test_gradients_of_one_operand_alone(needs):
         dense = dense + torch.kron(first[k], second[k])
     reference = torch.autograd.grad((x @ dense.T * weights).sum(), wanted)
     assert torch.allclose(fast[0], reference[0], rtol=1e-10, atol=1e-12)
+
+
+def test_autocast_forward_with_float32_gradients():
+    """Under bfloat16 autocast the products run in bfloat16 (the result is cast back to x's float32); backward, where
+    the saved operands are float32 and the gradient arrives in bfloat16, computes in float32 and gives float32
+    gradients near the exact ones."""
+    torch.manual_seed(0)
+    module = surm.structure("kronecker", 12, 18, init="random", terms=2)
+    x = torch.randn(5, 18, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype == torch.float32 and not torch.equal(out, x @ module.dense().T)  # rounded in bfloat16
+    out.sum().backward()
+    grads = [module.first.grad, module.second.grad, x.grad]
+    assert all(g.dtype == torch.float32 for g in grads)
+    exact = torch.autograd.grad((x.detach() @ module.dense().T).sum(), [module.first, module.second])
+    for got, want in zip(grads, exact):
+        assert (got - want).abs().max() <= 0.05 * want.abs().max()

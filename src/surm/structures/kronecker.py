@@ -52,7 +52,9 @@ class KroneckerProduct(torch.autograd.Function):
     saved: it is as large as the layer's output, and x is usually saved by the base layer already. The backward's
     operations are differentiable, so double backward works.
 
-    Zero rows (an empty batch) give an empty result and zero gradients (the products handle them).
+    Zero rows (an empty batch) give an empty result and zero gradients (the products handle them). Under autocast
+    the forward's products run in its precision; backward computes in the operands' own (float32 for float32
+    parameters), as a dense form's weight gradient would be accumulated.
     """
 
     @staticmethod
@@ -65,6 +67,9 @@ class KroneckerProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         first, second, x = ctx.saved_tensors
+        # Under autocast the forward's products ran in a lower precision and the gradient arrives in it, while the
+        # saved operands keep theirs (one dtype, see Kronecker.forward): backward computes in the operands' dtype.
+        grad = grad.to(first.dtype)
         terms, m1, n1 = first.shape
         m2, n2 = second.shape[1:]
         rows = x.shape[0]
