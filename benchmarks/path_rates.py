@@ -36,7 +36,7 @@ import statistics
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -229,21 +229,22 @@ def token_list(text: str) -> tuple[int, ...]:
     return counts
 
 
-def mode_list(text: str) -> tuple[str, ...]:
-    """``"train,eval"`` -> ("train", "eval"); anything else is an argparse error naming it and the valid modes."""
-    modes = tuple(text.split(","))
-    if not set(modes) <= set(MODES) or len(set(modes)) != len(modes):
-        raise argparse.ArgumentTypeError(f"modes must be distinct names among {','.join(MODES)}, got {text!r}")
-    return modes
+def _distinct_names(kind: str, valid: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: ``"a,b"`` -> ("a", "b") if they are distinct members of ``valid``, else an argparse error
+    naming the text and the valid names."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(text.split(","))
+        if not set(names) <= set(valid) or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"{kind} must be distinct names among {','.join(valid)}, got {text!r}")
+        return names
+
+    return parse
 
 
-def family_list(text: str) -> tuple[str, ...]:
-    """``"kronecker,ldr"`` -> ("kronecker", "ldr"); anything else is an argparse error naming it and the families."""
-    families = tuple(text.split(","))
-    if not set(families) <= set(STRUCTURES) or len(set(families)) != len(families):
-        raise argparse.ArgumentTypeError(
-            f"families must be distinct names among {','.join(STRUCTURES)}, got {text!r}")
-    return families
+#: ``"train,eval"`` -> ("train", "eval"); ``"kronecker,ldr"`` -> ("kronecker", "ldr").
+mode_list = _distinct_names("modes", MODES)
+family_list = _distinct_names("families", tuple(STRUCTURES))
 
 
 def read_measurements(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
