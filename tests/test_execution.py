@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import surm  # noqa: E402
 from surm.commands.measure import OneLinear  # noqa: E402
-from surm.execution import EXECUTIONS, choose_path, path_costs, path_seconds  # noqa: E402
+from surm.execution import EXECUTIONS, FOLDED_REUSE_MAX_NUMBERS, choose_path, path_costs, path_seconds  # noqa: E402
 
 from .checks import gradcheck_module, relative_error  # noqa: E402
 from .devices import DEVICES  # noqa: E402
@@ -93,9 +93,18 @@ def test_auto_takes_the_cheaper_path_by_the_cost_model():
                 seconds = path_seconds(matrix, tokens, folded=folded, backward=backward, reused=reused)
                 cheaper = min(seconds, key=seconds.get)
                 assert choose_path("auto", matrix, tokens, folded=folded, backward=backward, reused=reused) == cheaper
-    # A kept spectrum makes the structured path cheaper, and only that path.
+    # A kept spectrum makes the structured path cheaper; a small layer's kept folded weight makes folding free (the
+    # base product alone); a large layer keeps no folded weight, and a separate dense product keeps nothing.
     kept, rebuilt = (path_seconds(matrix, 1, folded=True, backward=False, reused=r) for r in (True, False))
-    assert kept["structured"] < rebuilt["structured"] and kept["dense"] == rebuilt["dense"]
+    assert kept["structured"] < rebuilt["structured"] and kept["dense"] == 0 < rebuilt["dense"]
+    assert choose_path("auto", matrix, 1, folded=True, backward=False, reused=True) == "dense"
+    kept, rebuilt = (path_seconds(matrix, 1, folded=False, backward=False, reused=r) for r in (True, False))
+    assert kept["dense"] == rebuilt["dense"] > 0
+    large = surm.structure("circulant", 1024, FOLDED_REUSE_MAX_NUMBERS // 1024 + 1)
+    kept, rebuilt = (path_seconds(large, 1, folded=True, backward=False, reused=r) for r in (True, False))
+    assert kept["dense"] == rebuilt["dense"] > 0
+    edge = surm.structure("circulant", 1024, FOLDED_REUSE_MAX_NUMBERS // 1024)
+    assert path_seconds(edge, 1, folded=True, backward=False, reused=True)["dense"] == 0
     with pytest.raises(ValueError, match=r"reused values apply only to calls that record no gradient"):
         path_seconds(matrix, 1, folded=True, backward=True, reused=True)
     # One row without gradients does not pay for building an n x n matrix; without gradients, folding into the base

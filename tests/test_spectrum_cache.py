@@ -177,13 +177,16 @@ def test_inference_tensor_parameters_are_not_cached():
 
 @pytest.mark.parametrize("name,options", CASES, ids=lambda v: str(v))
 def test_nothing_is_cached_in_training_mode_and_a_mode_switch_forgets(name, options):
-    """Training mode never reuses; train()/eval() forgets, so even an edit through .data made while training (which
-    no version counter sees) is seen by the next eval call."""
+    """Training mode never reuses; switching mode forgets (eval() in eval mode does not), so even an edit through
+    .data made while training (which no version counter sees) is seen by the next eval call."""
     matrix = make(name, options, 7, 11)
     x = torch.randn(3, 11, dtype=torch.float64)
     with torch.no_grad():
         matrix(x)
     assert cached_key(matrix) is not None
+    kept = cache_of(matrix)._value
+    matrix.eval()  # already in eval mode (as a generation loop calls it): nothing switches, nothing is forgotten
+    assert cache_of(matrix)._value is kept
     matrix.train()
     assert cached_key(matrix) is None
     with torch.no_grad():

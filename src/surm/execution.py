@@ -11,8 +11,9 @@ Two ways to compute ``s · M x`` for T tokens:
   a standalone :class:`~surm.insertion.DeltaUpdate` multiplies separately.
 
 ``execution="auto"`` compares the two costs, in seconds from :data:`RATES`, for the actual token count, layer
-shape, device, whether a backward pass is needed and whether the structured path reuses what its family derives from
-the parameters alone (eval-mode calls without gradients: generation), and takes the cheaper; ``"structured"`` and
+shape, device, whether a backward pass is needed and whether the call may reuse what was derived from the
+parameters alone (eval-mode calls without gradients: generation; the family's spectra or factors, a small layer's
+folded weight), and takes the cheaper; ``"structured"`` and
 ``"dense"`` force a path. Both paths compute the same matrix product (they agree to float rounding; the tests check
 float64).
 
@@ -77,6 +78,13 @@ RATES: dict[str, DeviceRates] = {
 }
 
 
+#: Largest base weight (numbers) whose folded weight ``W0 + s · dense(M)`` a layer keeps between eval-mode calls that
+#: record no gradient (generation, evaluation): 2**18, 1 MiB in float32 per layer. Such a call then costs the base
+#: product alone, with nothing besides it; a small layer is where per-call work dominates (one generated token). A
+#: layer of a large model (hidden 2048: 4M numbers and more) keeps nothing, so the memory added stays at most one
+#: copy of the small adapted layers' weights. ``execution="structured"`` (no folding) keeps nothing anywhere.
+FOLDED_REUSE_MAX_NUMBERS = 2**18
+
 #: Operator calls of the update around the family's own, (forward, backward), as PyTorch dispatches them (the scale
 #: s rides on a product): the structured path adds s · M x to the base output and passes the gradient back through
 #: the sum; the folded dense path adds s · dense(M) to W0 (its backward, the weight gradient of the base product,
@@ -98,9 +106,13 @@ def path_costs(
     matrix: StructuredMatrix, tokens: int, *, folded: bool, backward: bool, reused: bool = False
 ) -> dict[str, Cost]:
     """The work of each path for applying ``matrix`` to ``tokens`` rows (arguments as :func:`path_seconds`)."""
+    if reused and backward:
+        raise ValueError("reused values apply only to calls that record no gradient (backward=False)")
     m, n = matrix.out_features, matrix.in_features
     dense = matrix.dense_cost(backward)
-    if folded:
+    if folded and reused and m * n <= FOLDED_REUSE_MAX_NUMBERS:
+        dense = Cost()  # the kept W0 + s · dense(M) takes the base weight's place in the base product
+    elif folded:
         # s · dense(M) added to W0 (and the sum's gradient passed back); the product itself is the base layer's,
         # its weight gradient (one product, the weight's first) is the path's own.
         dense = dense + Cost(elementwise=(2 if backward else 1) * 2 * m * n, gemm=2 * tokens * m * n if backward else 0)
@@ -108,8 +120,6 @@ def path_costs(
     else:
         dense = dense + Cost(gemm=(3 if backward else 1) * 2 * tokens * m * n, elementwise=m * n + tokens * m)
         dense = dense + operator_calls(*SEPARATE_DENSE_CALLS, backward)
-    if reused and backward:
-        raise ValueError("reused values apply only to calls that record no gradient (backward=False)")
     structured = matrix.structured_cost(tokens, backward, reused=reused) + operator_calls(*STRUCTURED_CALLS, backward)
     return {"structured": structured, "dense": dense}
 
@@ -129,8 +139,9 @@ def path_seconds(
             product, the structured path its own backward.
         reused: True for an eval-mode call that records no gradient (generation, evaluation): the structured path
             then takes the values its family derives from the parameters alone (FFT spectra, Monarch's factors)
-            from their cache instead of computing them (:mod:`surm.structures._reuse`); the dense path keeps
-            nothing (dense(M) is the size of the base weight) and is built on every call.
+            from their cache instead of computing them (:mod:`surm.structures._reuse`); the folded dense path
+            of a layer with at most :data:`FOLDED_REUSE_MAX_NUMBERS` weights keeps ``W0 + s · dense(M)`` and costs
+            nothing besides the base product; elsewhere the dense path keeps nothing and builds dense(M) per call.
         device_type: ``"cpu"``, ``"cuda"``; other types use the CUDA rates.
 
     Returns:

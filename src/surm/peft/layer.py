@@ -21,8 +21,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
+from ..execution import FOLDED_REUSE_MAX_NUMBERS
 from ..insertion import DeltaUpdate, OutputAdapter
 from ..structures import structure
+from ..structures._reuse import ParameterCache, reusable
 from ..structures.base import cast
 from .config import SurmConfig
 
@@ -172,7 +174,8 @@ class SurmLayer(nn.Module, BaseTunerLayer):
 
     A delta adapter whose execution path (``SurmConfig.execution``, :mod:`surm.execution`) is dense is folded into
     the base product, ``base(x; W0 + s_a · dense(M_a))``, where the layer allows it (see :meth:`can_fold`);
-    the others add ``s_a · M_a(dropout(x))`` to the base output.
+    the others add ``s_a · M_a(dropout(x))`` to the base output. A small layer keeps that folded weight between
+    eval-mode calls that record no gradient (:meth:`_forward_folded`).
 
     A base layer whose weight is not a plain float tensor (a quantised layer, whose ``quantization_backend`` is
     PEFT's backend for its library, or an integer weight that no backend knows) computes ``h0 = base(x)`` with its
@@ -215,7 +218,15 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
+        self._folded_weight: ParameterCache[Tensor] = ParameterCache()
         self.update_layer(adapter_name, config, settings)
+
+    def train(self, mode: bool = True) -> SurmLayer:
+        """Set the mode; switching it forgets the kept folded weight (see :meth:`_forward_folded`), setting the mode
+        the layer is already in keeps it."""
+        if mode != self.training:
+            self._folded_weight.clear()
+        return super().train(mode)
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped layer, unwrapped through nested tuner layers (PEFT's, without probing the innermost layer
@@ -442,9 +453,26 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         return "folded" if foldable and path == "dense" else path
 
     def _forward_folded(self, x: Tensor, names: Sequence[str]) -> Tensor:
-        """The base layer's forward with ``W0 + sum_a s_a · dense(M_a)`` over the delta adapters ``names``."""
-        weight = self.get_base_layer().weight + _total(self.get_delta_weight(n) for n in names)
-        return self._base_forward_with_weight(x, weight)
+        """The base layer's forward with ``W0 + sum_a s_a · dense(M_a)`` over the delta adapters ``names``.
+
+        A layer with at most :data:`~surm.execution.FOLDED_REUSE_MAX_NUMBERS` weights keeps that weight for the next
+        call while it may be reused (:func:`~surm.structures._reuse.reusable`: eval mode, nothing records a
+        gradient) and W0, the adapters' parameters, their scales and the adapters folded are unchanged
+        (:class:`~surm.structures._reuse.ParameterCache`); switching mode forgets it.
+        """
+        base_weight = self.get_base_layer().weight
+
+        def folded() -> Tensor:
+            return base_weight + _total(self.get_delta_weight(n) for n in names)
+
+        if base_weight.numel() > FOLDED_REUSE_MAX_NUMBERS:
+            return self._base_forward_with_weight(x, folded())
+        deltas = [self.surm_delta[n] for n in names]
+        params = (base_weight, *(p for delta in deltas for p in delta.matrix.parameters()))
+        if not reusable(x, params, self.training):
+            return self._base_forward_with_weight(x, folded())
+        scales = tuple((n, delta.alpha) for n, delta in zip(names, deltas))
+        return self._base_forward_with_weight(x, self._folded_weight.get(params, scales, folded))
 
     def _base_forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         """The base layer's forward with ``weight`` in place of its own (same layout, same bias).

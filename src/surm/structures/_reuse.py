@@ -4,9 +4,10 @@ A generating model calls every adapted layer once per new token with the same pa
 otherwise rebuild their kernels' spectra (and the Toeplitz circulant embedding) on each call, which costs as much as
 applying them to one token, and Monarch would run its blocks' thin batched products where two plain ones on its
 factors L' R' do. :class:`ParameterCache` keeps one such value, computed from a few parameters, and hands it back
-while the parameters are provably unchanged. Only values of the parameters' order are kept (spectra of length
-L/2 + 1 per kernel; Monarch's factors, N times its parameters), never a dense matrix, so the memory stays
-O(parameters).
+while the parameters are provably unchanged. The families keep only values of the parameters' order (spectra of
+length L/2 + 1 per kernel; Monarch's factors, N times its parameters), never a dense matrix, so their memory stays
+O(parameters); a small layer (at most :data:`surm.execution.FOLDED_REUSE_MAX_NUMBERS` weights) keeps its folded
+weight W0 + s · dense(M) the same way (:class:`surm.peft.layer.SurmLayer`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class ParameterCache(Generic[Value]):
     the storage (dtype or device too). Edits through ``param.data`` bypass the version counter, as they bypass
     autograd's checks: values are therefore reused in eval mode only and forgotten whenever the module switches
     mode (``train()`` / ``eval()``, :meth:`clear`), so a training phase that edits ``.data`` (an old-style
-    optimizer) is seen; only a ``.data`` edit made in eval mode between two eval calls is not. The cache holds
+    optimizer) is seen; only a ``.data`` edit made in eval mode between two eval calls is not (``eval()`` on a module
+already in eval mode switches nothing and forgets nothing). The cache holds
     aliases of the parameters it read (views, no copy), so a swapped-out storage cannot be freed and its address
     reused by a new one with an equal version while the cached value lives.
 

@@ -163,11 +163,13 @@ class StructuredMatrix(nn.Module, ABC):
         raise ValueError(f"{type(self).__name__} matrices cannot be summed exactly within their family")
 
     def train(self, mode: bool = True) -> StructuredMatrix:
-        """Set the mode, forgetting the values cached from the parameters (``ParameterCache``): a training phase may
-        change them in ways the version counters miss (edits through ``.data``)."""
-        for value in vars(self).values():
-            if isinstance(value, ParameterCache):
-                value.clear()
+        """Set the mode; switching it forgets the values cached from the parameters (``ParameterCache``): a training
+        phase may change them in ways the version counters miss (edits through ``.data``). Setting the mode the
+        module is already in (``eval()`` before each generation) keeps them."""
+        if mode != self.training:
+            for value in vars(self).values():
+                if isinstance(value, ParameterCache):
+                    value.clear()
         return super().train(mode)
 
     def extra_repr(self) -> str:
