@@ -14,26 +14,14 @@ import peft  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import surm  # noqa: E402
 from surm.execution import FOLDED_REUSE_MAX_NUMBERS  # noqa: E402
 
 from ..structures.cases import FAMILY_CASES, case_id  # noqa: E402
+from ..test_execution import Net  # noqa: E402  (Linear, Conv1D and a strided, padded 1x1 Conv2d)
 
 TARGETS = ["linear", "conv1d", "conv2d"]
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(9, 7)
-        self.conv1d = Conv1D(6, 7)  # in 7 -> out 6
-        self.conv2d = nn.Conv2d(6, 5, kernel_size=1, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 4, 4, 9)
-        h = self.conv1d(self.linear(x))
-        return self.conv2d(h.movedim(-1, -3))
 
 
 def adapted(name: str, options: dict, execution: str = "dense") -> nn.Module:
@@ -121,9 +109,9 @@ def changes() -> list[tuple[str, object]]:
     def dtype(model):
         model.float()
 
-    return [("optimizer step", optimizer_step), ("in-place edit of M", in_place_edit), ("in-place edit of W0", base_edit),
-            ("alpha", new_scale), ("load_state_dict", load_state), ("another active adapter", second_adapter),
-            ("float32", dtype)]
+    return [("optimizer step", optimizer_step), ("in-place edit of M", in_place_edit),
+            ("in-place edit of W0", base_edit), ("alpha", new_scale), ("load_state_dict", load_state),
+            ("another active adapter", second_adapter), ("float32", dtype)]
 
 
 @pytest.mark.parametrize(("label", "change"), changes(), ids=[c[0] for c in changes()])
