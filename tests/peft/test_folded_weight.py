@@ -19,6 +19,7 @@ import surm  # noqa: E402
 from surm.execution import FOLDED_REUSE_MAX_NUMBERS  # noqa: E402
 
 from ..structures.cases import FAMILY_CASES, case_id  # noqa: E402
+from .common import make_llama  # noqa: E402
 from ..test_execution import Net  # noqa: E402  (Linear, Conv1D and a strided, padded 1x1 Conv2d)
 
 TARGETS = ["linear", "conv1d", "conv2d"]
@@ -180,3 +181,41 @@ def test_a_layer_above_the_limit_keeps_nothing():
         small(torch.randn(1, 512))
     assert kept(large) == [None]
     assert kept(small)[0] is not None and kept(small)[0].numel() <= FOLDED_REUSE_MAX_NUMBERS
+
+
+@pytest.mark.parametrize("name", ["circulant", "ldr", "monarch"])
+def test_generation_with_kept_weights_follows_training_between_calls(name):
+    """A tiny Llama (built from a config, random weights) on every linear layer: greedy generation and its scores
+    with kept folded weights equal those of the same model on the structured path (nothing kept), before and after a
+    training step taken between two generations (eval() -> train() -> eval(), as a train-and-sample loop does)."""
+    models = []
+    for execution in ("auto", "structured"):
+        config = surm.SurmConfig(structure=name, target_modules="all-linear", init_weights=False, execution=execution)
+        models.append(peft.get_peft_model(make_llama().double(), config))
+    kept_model, structured = models
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in models]
+    prompt = torch.tensor([[5, 17, 42, 8]])
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    first_scores = None
+    for round_ in range(2):
+        outputs = []
+        for model in models:
+            model.eval()
+            with torch.no_grad():
+                outputs.append(model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                              max_new_tokens=6, do_sample=False, output_scores=True,
+                                              return_dict_in_generate=True))
+        assert all(w is not None for w in kept(kept_model))  # the small layers kept their folded weights
+        assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+        for got, want in zip(outputs[0].scores, outputs[1].scores):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        if first_scores is not None:  # the step changed what the kept weights must give
+            assert not torch.allclose(outputs[0].scores[0], first_scores)
+        if round_ == 0:
+            first_scores = outputs[0].scores[0]
+            for model, optimizer in zip(models, optimizers):
+                model.train()
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            assert kept(kept_model) == [None] * len(kept(kept_model))  # train() forgot them
