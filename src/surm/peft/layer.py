@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from ..execution import FOLDED_REUSE_MAX_NUMBERS
 from ..insertion import DeltaUpdate, OutputAdapter
 from ..structures import structure
-from ..structures._reuse import ParameterCache, reusable
+from ..structures._reuse import ParameterCache, forget_on_mode_switch, reusable
 from ..structures.base import cast
 from .config import SurmConfig
 
@@ -222,10 +222,9 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, config, settings)
 
     def train(self, mode: bool = True) -> SurmLayer:
-        """Set the mode; switching it forgets the kept folded weight (see :meth:`_forward_folded`), setting the mode
-        the layer is already in keeps it."""
-        if mode != self.training:
-            self._folded_weight.clear()
+        """Set the mode; switching it forgets the kept folded weight (:meth:`_forward_folded`,
+        :func:`~surm.structures._reuse.forget_on_mode_switch`)."""
+        forget_on_mode_switch(self, mode)
         return super().train(mode)
 
     def get_base_layer(self) -> nn.Module:

@@ -53,7 +53,7 @@ class ParameterCache(Generic[Value]):
     autograd's checks: values are therefore reused in eval mode only and forgotten whenever the module switches
     mode (``train()`` / ``eval()``, :meth:`clear`), so a training phase that edits ``.data`` (an old-style
     optimizer) is seen; only a ``.data`` edit made in eval mode between two eval calls is not (``eval()`` on a module
-already in eval mode switches nothing and forgets nothing). The cache holds
+    already in eval mode switches nothing and forgets nothing, see :func:`forget_on_mode_switch`). The cache holds
     aliases of the parameters it read (views, no copy), so a swapped-out storage cannot be freed and its address
     reused by a new one with an equal version while the cached value lives.
 
@@ -85,3 +85,13 @@ already in eval mode switches nothing and forgets nothing). The cache holds
                 value = build()
             self._key, self._value, self._held = key, value, tuple(p.detach() for p in params)
         return self._value
+
+
+def forget_on_mode_switch(module: torch.nn.Module, mode: bool) -> None:
+    """Clear every :class:`ParameterCache` attribute of ``module`` if ``mode`` switches its train/eval mode (call it
+    from ``train()`` before the mode is set): a training phase may change the parameters in ways the version counters
+    miss (edits through ``.data``). Setting the mode it is already in (``eval()`` before each generation) keeps them."""
+    if mode != module.training:
+        for value in vars(module).values():
+            if isinstance(value, ParameterCache):
+                value.clear()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..validation import require_positive_int
-from ._reuse import ParameterCache
+from ._reuse import forget_on_mode_switch
 from .options import Option
 
 Init = Literal["zero", "random"]
@@ -163,13 +163,8 @@ class StructuredMatrix(nn.Module, ABC):
         raise ValueError(f"{type(self).__name__} matrices cannot be summed exactly within their family")
 
     def train(self, mode: bool = True) -> StructuredMatrix:
-        """Set the mode; switching it forgets the values cached from the parameters (``ParameterCache``): a training
-        phase may change them in ways the version counters miss (edits through ``.data``). Setting the mode the
-        module is already in (``eval()`` before each generation) keeps them."""
-        if mode != self.training:
-            for value in vars(self).values():
-                if isinstance(value, ParameterCache):
-                    value.clear()
+        """Set the mode; switching it forgets the values cached from the parameters (:func:`forget_on_mode_switch`)."""
+        forget_on_mode_switch(self, mode)
         return super().train(mode)
 
     def extra_repr(self) -> str:

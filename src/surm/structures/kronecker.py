@@ -79,7 +79,8 @@ class KroneckerProduct(torch.autograd.Function):
             grad_flat = grad_t.T @ _term_products(x, second, n1)  # (m1, n1 K)
             grad_first = grad_flat.view(m1, n1, terms).permute(2, 0, 1)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_z = (grad_t @ _first_flat(first)).view(rows, m2, n1 * terms).transpose(1, 2).reshape(rows * n1, terms * m2)
+            grad_z = grad_t @ _first_flat(first)
+            grad_z = grad_z.view(rows, m2, n1 * terms).transpose(1, 2).reshape(rows * n1, terms * m2)
             if ctx.needs_input_grad[1]:
                 grad_second = (grad_z.T @ x.reshape(rows * n1, n2)).view(terms, m2, n2)
             if ctx.needs_input_grad[2]:
