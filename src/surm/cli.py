@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from . import __version__
 from .commands.bench import BenchConfig, run_bench, write_report
 from .commands.compare import PER_RUN_SETTINGS, QUICK_METHODS, Protocol, compare, parse_methods, quick_settings
 from .commands.demo import run_demo
-from .commands.finetune import RunConfig, finetune
+from .commands.finetune import RunConfig, ctrl_c_arrives_twice, finetune, ignore_next_ctrl_c
 from .commands.search import SearchSettings, search
 from .commands.search.settings import FAMILIES, PRUNERS
 from .errors import RunsFailed, SurmError
@@ -322,6 +323,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return dispatch(args, argv)
     except KeyboardInterrupt:
+        if ctrl_c_arrives_twice() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            ignore_next_ctrl_c()  # compare's copy of this Ctrl-C may still come while the process exits
         hint = RESUME_HINTS.get(args.command, "nothing was left half-written")
         print(f"surm {args.command}: interrupted; {hint}", file=sys.stderr)
         return 130

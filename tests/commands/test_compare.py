@@ -16,6 +16,7 @@ import pytest
 from surm.commands.compare import LABEL_WIDTH, THREAD_VARIABLES, MethodSpec, Protocol, child_environment, \
     frontier_plot, pareto_front, parse_methods, plot_label, recall_table, summarise, text_box
 from surm.commands.compare import compare as compare_runs
+from surm.commands.finetune import FORWARDED_CTRL_C
 from surm.settings import RunSettings
 
 from ..runs import call_main, environment, interrupted_stderr, surm_command, wait_for
@@ -110,6 +111,7 @@ def test_parallel_runs_divide_the_cpus_unless_the_user_set_the_threads(monkeypat
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     kept = child_environment(2, cpus=8)
     assert kept["OMP_NUM_THREADS"] == "2" and "MKL_NUM_THREADS" not in kept
+    assert all(child_environment(jobs)[FORWARDED_CTRL_C] == "1" for jobs in (1, 2))  # each Ctrl-C reaches it twice
 
 
 def test_pareto_front():

@@ -22,6 +22,7 @@ from surm.data import load_dataset, macro_f1
 from surm.models import minilm_path, text_collate
 from surm.errors import TrainingDiverged
 from surm.methods import MethodChoice
+import surm.cli as cli_module
 import surm.commands.finetune as finetune_module
 from surm.commands.finetune import LossWatch, Run, RunConfig, StepBoundaryInterrupt, subset
 from surm.settings import RunSettings
@@ -421,4 +422,53 @@ def test_one_ctrl_c_delivered_twice_stops_at_the_step_boundary_and_a_later_one_i
             interrupt.check()  # at the step boundary
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # 0.8 s after the first: a second press, at once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_under_compare_the_copy_of_a_ctrl_c_is_ignored_however_late_it_comes_and_a_third_interrupts(monkeypatch):
+    """On a busy machine compare's forwarded copy can come seconds after the terminal's SIGINT: still the same Ctrl-C
+    (the race that made a compare's interrupted run print a KeyboardInterrupt traceback while it exited)."""
+    clock = iter([10.0, 15.0, 15.1])
+    monkeypatch.setattr(finetune_module.time, "monotonic", lambda: next(clock))
+    with StepBoundaryInterrupt(forwarded=True) as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's
+        os.kill(os.getpid(), signal.SIGINT)  # compare's copy, 5 s later: no KeyboardInterrupt here
+        assert interrupt.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a real second press, at once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the copy came: nothing left to ignore
+
+
+def test_under_compare_a_run_that_stopped_before_the_copy_came_ignores_it_afterwards_once():
+    with pytest.raises(KeyboardInterrupt):
+        with StepBoundaryInterrupt(forwarded=True) as interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+            interrupt.check()
+    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    os.kill(os.getpid(), signal.SIGINT)  # the copy, after the run stopped: ignored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)  # anything later: Python's default
+
+
+@pytest.mark.parametrize("under_compare", [True, False])
+def test_a_command_interrupted_under_compare_ignores_the_copy_while_it_exits(monkeypatch, under_compare):
+    """A Ctrl-C before training starts (or after it stopped) ends the command with 130; under compare the copy,
+    still to come, is ignored; elsewhere nothing is."""
+    if under_compare:
+        monkeypatch.setenv(finetune_module.FORWARDED_CTRL_C, "1")
+    else:
+        monkeypatch.delenv(finetune_module.FORWARDED_CTRL_C, raising=False)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "dispatch", interrupted)
+    try:
+        outcome = call_main("finetune", "--output", "unused")
+        assert outcome.code == 130 and "surm finetune: interrupted" in outcome.stderr
+        assert (signal.getsignal(signal.SIGINT) is signal.default_int_handler) is not under_compare
+    finally:
+        if under_compare:
+            os.kill(os.getpid(), signal.SIGINT)  # the copy: ignored, and the default handler back
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -564,8 +564,8 @@ def paths_table(results: dict[str, Any], config: BenchConfig) -> str:
         "",
         "Added time over the bare frozen layer (whose input gradient is computed in both): training = forward + "
         "backward, inference = forward without gradients in eval mode (the values a family derives from its "
-        "parameters alone, e.g. FFT spectra, reused across calls). *model* = the cost model's estimate (surm.execution, "
-        f"with its {config.device} rates, fitted on the reference machines); *auto* = the path "
+        "parameters alone, e.g. FFT spectra, reused across calls). *model* = the cost model's estimate "
+        f"(surm.execution, with its {config.device} rates, fitted on the reference machines); *auto* = the path "
         "`execution=\"auto\"` takes here.",
         "",
         "| adapter | train +ms | train / LoRA's | model train ms | auto (train) | inference +ms | model inference ms "

@@ -28,7 +28,7 @@ from ..methods import METHODS, MethodChoice, default_learning_rate, method_optio
 from ..settings import RunSettings, setting_defaults, setting_types
 from ..structures import STRUCTURES
 from ..validation import is_int
-from .finetune import RESULTS, RunConfig
+from .finetune import FORWARDED_CTRL_C, RESULTS, RunConfig
 from .paired import paired_difference
 from .tuning import lr_grid, pick_rate, require_grid_points
 
@@ -165,9 +165,10 @@ def child_environment(jobs: int, cpus: Optional[int] = None) -> dict[str, str]:
 
     Each PyTorch process otherwise starts one thread per CPU, and ``jobs`` of them oversubscribe the machine (two
     runs of two threads on two CPUs trained 3-4 times slower than two of one thread). Thread variables the user has
-    set are kept as they are; with one job nothing is changed.
+    set are kept as they are, and with one job none is set. :data:`~surm.commands.finetune.FORWARDED_CTRL_C` tells the
+    run that each Ctrl-C reaches it twice (:meth:`Children.stop` forwards it).
     """
-    environment = dict(os.environ)
+    environment = dict(os.environ, **{FORWARDED_CTRL_C: "1"})
     if jobs > 1 and not any(name in environment for name in THREAD_VARIABLES):
         threads = str(max(1, (cpus or os.cpu_count() or 1) // jobs))
         environment.update({name: threads for name in THREAD_VARIABLES})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import resource
 import signal
@@ -133,24 +134,56 @@ class LossWatch:
         return cls(start, above)
 
 
+#: Set to "1" by ``surm compare`` in the environment of the runs it starts. Compare forwards Ctrl-C to its runs, which
+#: share its terminal's process group, so one Ctrl-C reaches such a run twice; on a busy machine the forwarded copy can
+#: come seconds after the first, when the run has already stopped.
+FORWARDED_CTRL_C = "SURM_FORWARDED_CTRL_C"
+
+
+def ctrl_c_arrives_twice() -> bool:
+    """Whether each Ctrl-C reaches this process twice (it runs under ``surm compare``: :data:`FORWARDED_CTRL_C`)."""
+    return os.environ.get(FORWARDED_CTRL_C) == "1"
+
+
+def ignore_next_ctrl_c() -> None:
+    """Ignore the next SIGINT (the late copy of a Ctrl-C already acted on), then restore the handler set now.
+
+    Only in the main thread, where signal handlers are set.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGINT)
+    restored = current if current is not None else signal.default_int_handler
+
+    def restore(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, restored)
+
+    signal.signal(signal.SIGINT, restore)
+
+
 class StepBoundaryInterrupt:
     """While training, Ctrl-C (SIGINT) stops the run between two steps, never inside one.
 
     The first Ctrl-C is noted and :meth:`check`, called after each step and epoch, raises KeyboardInterrupt there:
     the step and any checkpoint it writes finish, and no library is interrupted halfway through its own cleanup. A
     second Ctrl-C, :data:`SAME_CTRL_C_SECONDS` or more after the first, interrupts at once; one sooner is the same
-    Ctrl-C arriving twice (a terminal signals the whole process group, and ``surm compare`` also forwards Ctrl-C to
-    the runs it started) and is ignored. Only in the main thread of a single process (under ``torchrun`` every
-    process would have to stop at the same step, so there Ctrl-C keeps Python's default).
+    Ctrl-C arriving twice and is ignored. Under ``surm compare`` (``forwarded``, by default
+    :func:`ctrl_c_arrives_twice`) every Ctrl-C arrives twice (a terminal signals the whole process group, and compare
+    also forwards Ctrl-C to the runs it started), so the second SIGINT is ignored however late it comes, the third
+    interrupts at once, and a run that stops before the copy has come ignores it after the block too
+    (:func:`ignore_next_ctrl_c`). Only in the main thread of a single process (under ``torchrun`` every process
+    would have to stop at the same step, so there Ctrl-C keeps Python's default).
     """
 
     #: SIGINTs this close to the first are one Ctrl-C delivered twice, not a second press.
     SAME_CTRL_C_SECONDS = 0.5
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, forwarded: Optional[bool] = None) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.forwarded = ctrl_c_arrives_twice() if forwarded is None else forwarded
         self.requested = False
         self._first_at = 0.0
+        self._copy_seen = False
         self._previous: Any = None
 
     def __enter__(self) -> StepBoundaryInterrupt:
@@ -161,11 +194,15 @@ class StepBoundaryInterrupt:
     def __exit__(self, *exc: Any) -> None:
         if self.enabled:
             signal.signal(signal.SIGINT, self._previous)
+            if self.forwarded and self.requested and not self._copy_seen:
+                ignore_next_ctrl_c()
 
     def _note(self, signum: int, frame: Any) -> None:
         now = time.monotonic()
         if not self.requested:
             self.requested, self._first_at = True, now
+        elif self.forwarded and not self._copy_seen:
+            self._copy_seen = True
         elif now - self._first_at >= self.SAME_CTRL_C_SECONDS:
             raise KeyboardInterrupt
 
