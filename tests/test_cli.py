@@ -18,6 +18,9 @@ from importlib import metadata
 import pytest
 from safetensors.torch import load_file
 
+import surm.cli as cli_module
+from surm.commands.finetune import FORWARDED_CTRL_C
+
 from .conftest import REFERENCE_ARGS
 from .runs import (TINY, call_main, comparable, environment, finetune_main, interrupted_stderr, surm_command,
                    wait_for)
@@ -237,6 +240,29 @@ def test_ctrl_c_exits_130_with_a_resume_hint_and_the_resume_finishes(tmp_path, r
     assert not [p.name for p in output.iterdir() if p.name.endswith(".surm-tmp")]
     resumed = finetune_main(output, *REFERENCE_ARGS, "--resume")
     assert resumed.results["test_accuracy"] == reference_run.results["test_accuracy"]
+
+
+@pytest.mark.parametrize("under_compare", [True, False])
+def test_a_command_interrupted_under_compare_ignores_the_copy_while_it_exits(monkeypatch, under_compare):
+    """A Ctrl-C before training starts (or after it stopped) ends the command with 130; under compare the copy,
+    still to come, is ignored; elsewhere nothing is."""
+    if under_compare:
+        monkeypatch.setenv(FORWARDED_CTRL_C, "1")
+    else:
+        monkeypatch.delenv(FORWARDED_CTRL_C, raising=False)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "dispatch", interrupted)
+    try:
+        outcome = call_main("finetune", "--output", "unused")
+        assert outcome.code == 130 and "surm finetune: interrupted" in outcome.stderr
+        assert (signal.getsignal(signal.SIGINT) is signal.default_int_handler) is not under_compare
+    finally:
+        if under_compare:
+            os.kill(os.getpid(), signal.SIGINT)  # the copy: ignored, and the default handler back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def limit_file_size(size):

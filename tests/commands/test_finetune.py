@@ -22,7 +22,6 @@ from surm.data import load_dataset, macro_f1
 from surm.models import minilm_path, text_collate
 from surm.errors import TrainingDiverged
 from surm.methods import MethodChoice
-import surm.cli as cli_module
 import surm.commands.finetune as finetune_module
 from surm.commands.finetune import LossWatch, Run, RunConfig, StepBoundaryInterrupt, subset
 from surm.settings import RunSettings
@@ -450,25 +449,3 @@ def test_under_compare_a_run_that_stopped_before_the_copy_came_ignores_it_afterw
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)  # anything later: Python's default
 
-
-@pytest.mark.parametrize("under_compare", [True, False])
-def test_a_command_interrupted_under_compare_ignores_the_copy_while_it_exits(monkeypatch, under_compare):
-    """A Ctrl-C before training starts (or after it stopped) ends the command with 130; under compare the copy,
-    still to come, is ignored; elsewhere nothing is."""
-    if under_compare:
-        monkeypatch.setenv(finetune_module.FORWARDED_CTRL_C, "1")
-    else:
-        monkeypatch.delenv(finetune_module.FORWARDED_CTRL_C, raising=False)
-
-    def interrupted(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli_module, "dispatch", interrupted)
-    try:
-        outcome = call_main("finetune", "--output", "unused")
-        assert outcome.code == 130 and "surm finetune: interrupted" in outcome.stderr
-        assert (signal.getsignal(signal.SIGINT) is signal.default_int_handler) is not under_compare
-    finally:
-        if under_compare:
-            os.kill(os.getpid(), signal.SIGINT)  # the copy: ignored, and the default handler back
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
