@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-from peft import BOFTConfig, C3AConfig, LoKrConfig, LoraConfig, PeftConfig
+from peft import BOFTConfig, C3AConfig, FourierFTConfig, LoKrConfig, LoraConfig, PeftConfig, VeraConfig
 
 from .peft import SurmConfig
 from .recommendation import recommended_recipe
@@ -42,6 +42,11 @@ BASELINES: dict[str, Baseline] = {
     "c3a": Baseline(C3AConfig, {"block_size": ("block_size", int)}, {"block_size": 64}, 1e-1),
     "lokr": Baseline(LoKrConfig, {"rank": ("r", int), "alpha": ("alpha", float)}, {"r": 8, "alpha": 16}, 3e-3),
     "boft": Baseline(BOFTConfig, {"block_size": ("boft_block_size", int)}, {"boft_block_size": 4}, 1e-2),
+    # VeRA: frozen random A, B shared by all layers, trained scalings diag(b) B diag(d) A: r + out numbers per layer.
+    "vera": Baseline(VeraConfig, {"rank": ("r", int)}, {"r": 256}, 1e-2),
+    # FourierFT: n trained entries of ΔW's 2-D spectrum at random frequencies, ΔW = scaling * Re(IDFT2(S)).
+    "fourierft": Baseline(FourierFTConfig, {"n_frequency": ("n_frequency", int), "scaling": ("scaling", float)},
+                          {"n_frequency": 1000, "scaling": 150.0}, 1e-1),
 }
 #: Learning rate of full fine-tuning (every weight trained).
 FULL_FINETUNING_LR = 1e-4

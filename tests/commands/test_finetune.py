@@ -143,6 +143,27 @@ def test_peft_lora_on_an_imbalanced_set_reports_macro_f1(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("flags, peft_type, option, adapter_params", [
+    # VeRA: per adapted layer a scaling of its r rows and one of its 384 outputs (A and B are frozen, shared)
+    (["--structure", "vera", "--rank", "16"], "VERA", ("r", 16), 12 * (16 + 384)),
+    # FourierFT: n trained spectral entries per adapted layer
+    (["--structure", "fourierft", "--n-frequency", "50", "--scaling", "100"], "FOURIERFT", ("scaling", 100.0),
+     12 * 50),
+], ids=["vera", "fourierft"])
+def test_peft_tiny_budget_baselines_train_under_the_same_loop_and_reload(tmp_path, flags, peft_type, option,
+                                                                       adapter_params):
+    outcome = finetune_main(tmp_path / "run", *flags, *TINY, "--epochs", "1")
+    results = outcome.results
+    assert results["peft_config"]["peft_type"] == peft_type
+    assert results["peft_config"][option[0]] == option[1]
+    assert results["trainable_params"] == adapter_params + 770  # q and v of 6 layers, plus the head
+    adapter = tmp_path / "run" / "adapter"
+    accuracy, f1, loss = evaluate_saved(adapter, results)
+    assert accuracy == results["test_accuracy"] and f1 == pytest.approx(results["test_macro_f1"])
+    assert loss == pytest.approx(results["test_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_full_finetuning_trains_and_saves_the_whole_model(tmp_path):
     outcome = finetune_main(tmp_path / "full", "--structure", "full", *TINY, "--epochs", "1")
     results = outcome.results
