@@ -15,7 +15,8 @@ import surm
 SHAPES: list[tuple[int, int]] = [(8, 8), (7, 7), (5, 9), (10, 6), (12, 18), (13, 11)]
 
 #: Option values worth testing beyond what the registry gives (below): uneven block sizes, other ranks.
-EXTRA_CASES: list[tuple[str, dict]] = [("lowrank", {"rank": 3}), ("monarch", {"nblocks": 3, "block_rank": 2})]
+EXTRA_CASES: list[tuple[str, dict]] = [("lowrank", {"rank": 3}), ("monarch", {"nblocks": 3, "block_rank": 2}),
+                                       ("fourier", {"frequencies": 5})]
 
 
 def _fits_every_shape(name: str, options: dict) -> bool:
@@ -65,7 +66,7 @@ def nearest_sqrt_divisor(n: int) -> int:
 
 
 #: The families whose parameter count the README gives as a closed formula, written out again below.
-FORMULA_FAMILIES = ("lowrank", "circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "ldr", "monarch")
+FORMULA_FAMILIES = ("lowrank", "circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "ldr", "monarch", "fourier")
 
 
 def expected_parameters(name: str, options: dict, m: int, n: int) -> int:
@@ -91,6 +92,9 @@ def expected_parameters(name: str, options: dict, m: int, n: int) -> int:
     if name == "monarch":
         blocks, rank = options.get("nblocks", 4), options.get("block_rank", 4)
         return rank * blocks * (math.ceil(n / blocks) + math.ceil(m / blocks))
+    if name == "fourier":  # K; by default max(m, n), capped by the (m n + s) / 2 distinct cosines (s <= 4)
+        pairs = (m * n + (2 - m % 2) * (2 - n % 2)) // 2
+        return options.get("frequencies") or min(big, pairs)
     raise AssertionError(f"no formula for {name}")
 
 

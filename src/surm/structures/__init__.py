@@ -7,6 +7,7 @@ from typing import Any
 
 from .base import StructuredMatrix, declared_options
 from .circulant import Circulant
+from .fourier import Fourier
 from .kronecker import Kronecker
 from .ldr import LowDisplacementRank
 from .lowrank import LowRank
@@ -55,6 +56,7 @@ STRUCTURES: dict[str, type[StructuredMatrix]] = checked_registry({
     "kronecker": Kronecker,
     "ldr": LowDisplacementRank,
     "monarch": Monarch,
+    "fourier": Fourier,
 })
 
 
@@ -111,6 +113,7 @@ def _family(name: str) -> type[StructuredMatrix]:
 __all__ = [
     "STRUCTURES",
     "Circulant",
+    "Fourier",
     "Kronecker",
     "LowDisplacementRank",
     "LowRank",
