@@ -91,22 +91,35 @@ def test_the_built_adapter_stays_within_the_budget(minilm, budget):
     assert adapter_parameters(model, config) <= budget
 
 
-@pytest.mark.parametrize("budget, structure, targets, lr", [
-    (7_372, "circulant", ["attention.self.query", "attention.self.value", "attention.output.dense"], 1e-3),
-    (4_608, "circulant", ["attention.self.query", "attention.self.value"], 1e-3),
-    (73_728, "monarch", ["attention.self.query", "attention.self.value", "attention.output.dense",
-                         "attention.self.key", "intermediate.dense", "output.dense"], 1e-2),
-    (41_472, "monarch", ["attention.self.query", "attention.self.value", "attention.output.dense",
-                         "attention.self.key", "intermediate.dense", "output.dense"], 1e-2),
-    (41_471, "circulant", ["attention.self.query", "attention.self.value", "attention.output.dense",
-                           "attention.self.key", "intermediate.dense", "output.dense"], 1e-3),
+QV = ["attention.self.query", "attention.self.value"]
+EVERY_ROLE = ["attention.self.query", "attention.self.value", "attention.output.dense", "attention.self.key",
+              "intermediate.dense", "output.dense"]
+
+
+@pytest.mark.parametrize("budget, structure, options, targets, lr", [
+    (7_372, "fourier", {"frequencies": 614}, QV, 3e-2),
+    (4_608, "fourier", {"frequencies": 384}, QV, 3e-2),
+    (20_000, "fourier", {"frequencies": 1_666}, QV, 3e-2),
+    (41_471, "fourier", {"frequencies": 3_455}, QV, 3e-2),
+    (4_607, "circulant", {}, ["attention.self.query"], 1e-3),  # Fourier would get fewer than 384 per layer
+    (2_304, "circulant", {}, ["attention.self.query"], 1e-3),
+    (73_728, "monarch", {"nblocks": 16, "block_rank": 1}, EVERY_ROLE, 1e-2),
+    (41_472, "monarch", {"nblocks": 16, "block_rank": 1}, EVERY_ROLE, 1e-2),
 ])
-def test_the_documented_recommendations(minilm, budget, structure, targets, lr):
+def test_the_documented_recommendations(minilm, budget, structure, options, targets, lr):
     """docs/recommend.md's table."""
     config = surm.recommend(minilm, budget)
     assert config.structure == structure and config.mode == "delta" and config.target_modules == set(targets)
+    assert all(getattr(config, name) == value for name, value in options.items())
     recipe, ordered = recommended_recipe(minilm, budget)
-    assert (recipe.family, ordered, recipe.lr) == (structure, targets, lr)
+    assert (recipe.family, recipe.options, ordered, recipe.lr) == (structure, options, targets, lr)
+
+
+def test_a_filling_recipe_spends_the_budget_evenly_on_its_roles(minilm):
+    """Fourier on q and v: budget // 12 frequencies per layer, so a tenth of LoRA r=8's parameters leaves 4 unused."""
+    config = surm.recommend(minilm, 7_372)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    assert adapter_parameters(model, config) == 12 * 614 == 7_368
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_gpt2])

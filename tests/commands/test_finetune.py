@@ -393,12 +393,11 @@ def test_no_test_never_touches_the_test_split(tmp_path, monkeypatch):
 def test_budget_params_trains_the_recommended_method_within_the_budget(tmp_path):
     outcome = finetune_main(tmp_path / "run", "--budget-params", "7372", *TINY, "--epochs", "1")
     results = outcome.results
-    assert results["config"]["budget_params"] == 7372 and results["config"]["lr"] == 1e-3  # the recipe's rate
-    assert results["config"]["method"] == {"name": "circulant", "mode": "delta", "options": {},
-                                           "targets": ["attention.self.query", "attention.self.value",
-                                                       "attention.output.dense"]}
-    assert results["trainable_params"] - results["head_params"] == 6912 <= 7372
-    assert trainable_count(tmp_path / "run" / "adapter") == 6912 + 770
+    assert results["config"]["budget_params"] == 7372 and results["config"]["lr"] == 3e-2  # the recipe's rate
+    assert results["config"]["method"] == {"name": "fourier", "mode": "delta", "options": {"frequencies": 614},
+                                           "targets": ["attention.self.query", "attention.self.value"]}
+    assert results["trainable_params"] - results["head_params"] == 7368 <= 7372
+    assert trainable_count(tmp_path / "run" / "adapter") == 7368 + 770
     given = finetune_main(tmp_path / "given", "--budget-params", "7372", "--lr", "5e-4", *TINY, "--epochs", "1")
     assert given.results["config"]["lr"] == 5e-4  # --lr wins
 

@@ -158,21 +158,24 @@ def test_parameter_counts_are_exact():
 
 
 def test_the_recommendation_is_the_first_trial_of_the_initial_design():
-    """``surm.recommend``'s configuration for the budget starts the search when the space holds it."""
-    settings = SearchSettings(output=Path("unused"), budget=7372, run=RunSettings(max_length=16))
+    """``surm.recommend``'s configuration for the budget starts the search when the space holds it: at 4,000
+    circulant on the query (the space here holds that target set); at 7,372 Fourier with 614 frequencies per layer,
+    a count the space does not hold."""
+    settings = SearchSettings(output=Path("unused"), budget=4000, run=RunSettings(max_length=16),
+                              delta_targets=("query", "query,value"))
     counter = ParameterCounter(settings)
     recommended = counter.recommended(settings)
-    assert recommended == Candidate("circulant", "delta", "query,value,attention.output.dense",
-                                    (("parameterization", "plain"),))
-    assert counter.count(recommended) == 6912
+    assert recommended == Candidate("circulant", "delta", "query", (("parameterization", "plain"),))
+    assert counter.count(recommended) == 2304
     _, _, fitting, _ = counter.smallest(settings)
     design = initial_design(settings, fitting, recommended)
-    assert design[0] == {"family": "circulant", "mode": "delta", "targets.delta": "query,value,attention.output.dense",
+    assert design[0] == {"family": "circulant", "mode": "delta", "targets.delta": "query",
                          "circulant.parameterization": "plain", "lr_scale": 1.0, "alpha": 1.0}
     assert [d["family"] for d in design].count("circulant") == 1
     for other in (replace(settings, families=("monarch", "lowrank")),
                   replace(settings, modes=("adapter",)),
-                  replace(settings, delta_targets=("query,value", "value"))):
+                  replace(settings, delta_targets=("query,value", "value")),
+                  replace(settings, budget=7372)):
         assert counter.recommended(other) is None  # the space lacks it: the design draws as before
 
 
