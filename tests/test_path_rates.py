@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+from surm import STRUCTURES  # noqa: E402
 from surm.execution import DeviceRates  # noqa: E402
 
 from .scripts import load_script  # noqa: E402
@@ -85,8 +86,9 @@ def test_a_quick_measurement_writes_the_report_and_refits_from_it(rates_script, 
     assert rates_script.main(["--quick", "--repeats", "2", "--warmup", "1", "--output", str(output)]) == 0
     saved = json.loads(output.read_text())
     families = {cell["family"] for cell in saved["cells"]}
-    assert saved["device"] == "cpu" and len(families) == 7
-    assert len(saved["cells"]) == 7 * 2 * 3 * len(rates_script.QUICK_TOKENS)  # families x paths x modes x tokens
+    assert saved["device"] == "cpu" and families == set(STRUCTURES)
+    # families x paths x modes x tokens
+    assert len(saved["cells"]) == len(families) * 2 * 3 * len(rates_script.QUICK_TOKENS)
     assert {cell["mode"] for cell in saved["cells"]} == {"train", "inference", "eval"}
     assert set(saved["fitted"]) == set(rates_script.KINDS)
     assert "| fitted |" in output.with_suffix(".md").read_text()
