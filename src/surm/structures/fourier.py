@@ -103,14 +103,14 @@ class Fourier(StructuredMatrix):
     The real part of a matrix whose 2-D DFT has K non-zero real entries (Gao et al. 2024, "Parameter-efficient
     fine-tuning with discrete Fourier transform", FourierFT): K numbers for any shape, and a rank that is not
     bounded by K's size in a product form: each frequency adds a rank-2 cosine on the row frequencies +-r_k it
-    brings (K = 614 on a 384 x 384 layer: rank 356; K = 128 on 48 x 64: full). The frequencies are drawn once per shape by a fixed rule
-    (:func:`drawn_frequencies`), distinct and never a pair giving the same cosine; ``g`` makes each cosine's
-    Frobenius norm 1 (sqrt 2 for the up to 4 frequencies paired with themselves).
+    brings (K = 614 on a 384 x 384 layer: rank 356; K = 128 on 48 x 64: full). The frequencies are drawn once per
+    shape by a fixed rule (:func:`drawn_frequencies`), distinct and never a pair giving the same cosine; ``g`` makes
+    each cosine's Frobenius norm 1 (sqrt 2 for the up to 4 frequencies paired with themselves).
 
-    Fast apply, O((m + n) log + K) per row, with real FFTs only (backward: :class:`SpectrumGatherScatter`): sum_j cos(...) x_j is the real part of
-    e^{2 pi i r_k i / m} conj(X[c_k]), X = FFT(x), read from rfft(x) (X[c] = conj(X[n - c]) beyond n/2); the K
-    products s_k conj(X[c_k]) are added into a half spectrum H of length m/2 + 1 (into bin m - r_k, conjugated,
-    for r_k > m/2; halved where irfft doubles a bin) and y = g m irfft(H). Dense form: g m n Re(ifft2(S)), S the
+    Fast apply, O((m + n) log + K) per row, with real FFTs only (backward: :class:`SpectrumGatherScatter`):
+    sum_j cos(...) x_j is the real part of e^{2 pi i r_k i / m} conj(X[c_k]), X = FFT(x), read from rfft(x)
+    (X[c] = conj(X[n - c]) beyond n/2); the K products s_k conj(X[c_k]) are added into a half spectrum H of length
+    m/2 + 1 (into bin m - r_k, conjugated, for r_k > m/2; halved where irfft doubles a bin) and y = g m irfft(H). Dense form: g m n Re(ifft2(S)), S the
     (m, n) spectrum holding s_k at (r_k, c_k).
 
     Parameters: ``K`` (``frequencies``; default max(m, n), the circulant's count). Init ``"zero"``: s = 0 (M = 0,
@@ -149,6 +149,11 @@ class Fourier(StructuredMatrix):
         self._layout(torch.tensor(rows, device="cpu"), torch.tensor(cols, device="cpu"))
         self.reset_parameters()
 
+    @property
+    def gain(self) -> float:
+        """g = sqrt(2 / (m n)), the factor that gives each cosine unit Frobenius norm."""
+        return math.sqrt(2.0 / (self.out_features * self.in_features))
+
     def _layout(self, rows: Tensor, cols: Tensor) -> None:
         """The index buffers of the fast apply and the dense form (recomputed from the shape, never saved), and the
         per-frequency constants of the fast apply (float64, CPU; cast per device and dtype on use): ``scale`` (K, 2),
@@ -160,7 +165,7 @@ class Fourier(StructuredMatrix):
         out_bin = torch.where(output_conjugated, m - rows, rows)
         doubled_out = (out_bin > 0) & (2 * out_bin != m)  # irfft counts these bins twice
         doubled_in = (in_bin > 0) & (2 * in_bin != n)
-        scale = math.sqrt(2.0 / (m * n)) * m * torch.where(doubled_out, 0.5, 1.0).double()
+        scale = self.gain * m * torch.where(doubled_out, 0.5, 1.0).double()
         imaginary_sign = torch.where(input_conjugated != output_conjugated, -1.0, 1.0).double()
         for name, value in (("rows", rows), ("cols", cols), ("in_bin", in_bin), ("out_bin", out_bin)):
             self.register_buffer(name, value, persistent=False)
@@ -208,15 +213,15 @@ class Fourier(StructuredMatrix):
         complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         grid = torch.zeros(m * n, dtype=complex_dtype, device=self.coefficients.device)
         grid = grid.index_put((self.rows * n + self.cols,), self.coefficients.to(complex_dtype)).view(m, n)
-        matrix = torch.fft.ifft2(grid).real * (math.sqrt(2.0 / (m * n)) * m * n)
+        matrix = torch.fft.ifft2(grid).real * (self.gain * m * n)
         return matrix.to(self.coefficients.dtype)
 
     def num_parameters(self) -> int:
         return self.frequencies
 
     def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
-        # Forward: rfft(x), K picked bins times their weights, added into m/2 + 1 bins, irfft. Backward (autograd):
-        # the two transforms' adjoints and the gathers', plus the coefficients' gradient from the picked bins.
+        # Forward: rfft(x), K picked bins times their weights, added into m/2 + 1 bins, irfft. Backward
+        # (SpectrumGatherScatter): the two transforms' adjoints and the gathers', plus the coefficients' gradient.
         fft = tokens * (fft_work(self.in_features) + fft_work(self.out_features))
         elementwise = tokens * (2 * 2 * self.frequencies + (self.out_features // 2 + 1) * 2 + self.out_features)
         work = Cost(fft=(2 if backward else 1) * fft, elementwise=(3 if backward else 1) * elementwise)
