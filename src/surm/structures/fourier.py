@@ -110,8 +110,8 @@ class Fourier(StructuredMatrix):
     Fast apply, O((m + n) log + K) per row, with real FFTs only (backward: :class:`SpectrumGatherScatter`):
     sum_j cos(...) x_j is the real part of e^{2 pi i r_k i / m} conj(X[c_k]), X = FFT(x), read from rfft(x)
     (X[c] = conj(X[n - c]) beyond n/2); the K products s_k conj(X[c_k]) are added into a half spectrum H of length
-    m/2 + 1 (into bin m - r_k, conjugated, for r_k > m/2; halved where irfft doubles a bin) and y = g m irfft(H). Dense form: g m n Re(ifft2(S)), S the
-    (m, n) spectrum holding s_k at (r_k, c_k).
+    m/2 + 1 (into bin m - r_k, conjugated, for r_k > m/2; halved where irfft doubles a bin) and y = g m irfft(H).
+    Dense form: g m n Re(ifft2(S)), S the (m, n) spectrum holding s_k at (r_k, c_k).
 
     Parameters: ``K`` (``frequencies``; default max(m, n), the circulant's count). Init ``"zero"``: s = 0 (M = 0,
     dM/ds != 0); ``"random"``: s ~ N(0, 1).
