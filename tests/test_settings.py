@@ -26,6 +26,7 @@ from surm.settings import RunSettings, setting_defaults, setting_types
     ({"device": "cuda:x"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
     ({"model": ""}, "model must be a non-empty string, got ''"),
     ({"text_pair_column": ""}, "text_pair_column must be a non-empty string or None, got ''"),
+    ({"pooling": "max"}, "pooling 'max' is not one of model, mean"),
 ])
 def test_bad_settings_are_refused_naming_the_value(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -41,7 +42,7 @@ def test_flags_give_back_the_same_settings():
     """to_flags (what compare passes to its runs) parsed by the command line is the same settings object."""
     settings = RunSettings(model="minilm", dataset="trec", text_pair_column="b", epochs=5, batch_size=8, lr=3e-4,
                            head_lr=2e-3, weight_decay=0.01, warmup_ratio=0.1, max_length=32, train_size=100,
-                           eval_size=50, device="cpu", seed=4)
+                           eval_size=50, device="cpu", seed=4, pooling="mean")
     args = build_parser().parse_args(["finetune", "--output", "x", *settings.to_flags()])
     assert settings_from_args(args) == settings
     assert RunSettings().to_flags() == []

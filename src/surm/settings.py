@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
+from .models.text import TEXT_POOLINGS, check_pooling
 from .validation import is_finite_number, is_int, is_number
 
 #: Learning rate of the classifier head, which every method trains. 1e-2 was chosen on validation (seed 0, MiniLM,
@@ -42,6 +43,8 @@ class RunSettings:
     weight_decay: float = _setting(0.0, "AdamW's decoupled weight decay")
     warmup_ratio: float = _setting(0.06, "fraction of the steps with a linear warm-up of the learning rate")
     max_length: int = _setting(64, "tokens per text (longer texts are truncated)")
+    pooling: str = _setting("model", f"text models: how token states reach the head, {' or '.join(TEXT_POOLINGS)} "
+                            "(the Transformers classifier's own, e.g. BERT's [CLS] pooler; or the masked mean)")
     train_size: Optional[int] = _setting(None, "train on a seeded subset of this many examples")
     eval_size: Optional[int] = _setting(None, "evaluate on seeded subsets of this size")
     device: str = _setting("auto", "auto, cpu, cuda or cuda:N")
@@ -55,6 +58,7 @@ class RunSettings:
         if self.text_pair_column is not None and (not isinstance(self.text_pair_column, str)
                                                   or not self.text_pair_column):
             raise ValueError(f"text_pair_column must be a non-empty string or None, got {self.text_pair_column!r}")
+        check_pooling(self.pooling)
         for name in ("epochs", "batch_size", "max_length"):
             if not is_int(getattr(self, name), minimum=1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -19,11 +19,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import surm  # noqa: F401  (registers the SURM PEFT type, so that PeftModel can load surm adapters)
 from surm.checkpoint import read_checkpoint
 from surm.data import load_dataset, macro_f1
-from surm.models import minilm_path, text_collate
+from surm.models import load_text_classifier, minilm_path, text_collate
 from surm.errors import TrainingDiverged
 from surm.methods import MethodChoice
 import surm.commands.finetune as finetune_module
-from surm.commands.finetune import LossWatch, Run, RunConfig, StepBoundaryInterrupt, subset
+from surm.commands.finetune import LossWatch, Run, RunConfig, StepBoundaryInterrupt, logits_of, subset
 from surm.settings import RunSettings
 
 from ..conftest import REFERENCE_ARGS
@@ -40,17 +40,21 @@ RESULT_FIELDS = {
 def evaluate_saved(adapter, results):
     """Load ``adapter`` onto a fresh MiniLM with PeftModel.from_pretrained; its predictions on the run's test subset.
 
+    The base is Transformers' sequence classifier, or surm's mean-pooled one for a run with ``--pooling mean``.
     Returns (accuracy, macro-F1, mean loss), computed here from scratch.
     """
     config = results["config"]
     data = load_dataset(config["dataset"], seed=config["seed"])
     examples = subset(data.test, config["eval_size"], config["seed"])
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=data.num_labels)
+    if config["pooling"] == "mean":
+        base = load_text_classifier("minilm", data.num_labels, pooling="mean").model
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=data.num_labels)
     model = PeftModel.from_pretrained(base, adapter).eval()
     batch = text_collate(AutoTokenizer.from_pretrained(minilm_path()), config["max_length"])(examples)
     labels = batch.pop("labels")
     with torch.no_grad():
-        logits = model(**batch).logits.float()
+        logits = logits_of(model(**batch)).float()
     preds = logits.argmax(-1).numpy()
     loss = float(torch.nn.functional.cross_entropy(logits, labels))
     return float(np.mean(preds == labels.numpy())), macro_f1(preds, labels.numpy(), data.num_labels), loss
@@ -400,6 +404,21 @@ def test_budget_params_trains_the_recommended_method_within_the_budget(tmp_path)
     assert trainable_count(tmp_path / "run" / "adapter") == 7368 + 770
     given = finetune_main(tmp_path / "given", "--budget-params", "7372", "--lr", "5e-4", *TINY, "--epochs", "1")
     assert given.results["config"]["lr"] == 5e-4  # --lr wins
+
+
+@pytest.mark.slow
+def test_mean_pooling_trains_the_recommendation_and_the_saved_adapter_reproduces_the_run(tmp_path):
+    """--pooling mean: the encoder's masked mean feeds the head; the recommendation finds the same roles under the
+    wrapper, and the adapter with its head reloads onto a fresh mean-pooled MiniLM with the run's test metrics."""
+    outcome = finetune_main(tmp_path / "run", "--pooling", "mean", "--budget-params", "7372", *TINY, "--epochs", "1")
+    results = outcome.results
+    assert results["config"]["pooling"] == "mean"
+    assert results["peft_config"]["task_type"] is None and results["peft_config"]["modules_to_save"] == ["classifier"]
+    assert results["config"]["method"]["targets"] == ["attention.self.query", "attention.self.value"]
+    assert results["trainable_params"] == 7368 + 770 == trainable_count(tmp_path / "run" / "adapter")
+    accuracy, f1, loss = evaluate_saved(tmp_path / "run" / "adapter", results)
+    assert accuracy == results["test_accuracy"] and f1 == pytest.approx(results["test_macro_f1"])
+    assert loss == pytest.approx(results["test_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("flags, named", [

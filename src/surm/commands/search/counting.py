@@ -33,7 +33,7 @@ class ParameterCounter:
         run = settings.run
         data = load_dataset(run.dataset, text_column=run.text_column, text_pair_column=run.text_pair_column,
                             label_column=run.label_column, seed=run.seed)
-        loaded = load_model(run.model, data, run.max_length)
+        loaded = load_model(run.model, data, run.max_length, run.pooling)
         self.model = loaded.model.to(torch.device("meta"))
         self.task_type, self.head = loaded.task_type, loaded.head
         self.default_targets = loaded.default_targets
