@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..data import DatasetSplits
 from .loaded import Collate, LoadedModel
-from .text import TEXT_MODEL_ALIASES, TEXT_POOLINGS, check_pooling, load_text_classifier, minilm_path, text_collate
+from .text import TEXT_MODEL_ALIASES, TEXT_POOLINGS, load_text_classifier, minilm_path, text_collate
 from .vision import IMAGE_MODELS, load_image_classifier
 
 
@@ -35,7 +35,6 @@ __all__ = [
     "TEXT_POOLINGS",
     "Collate",
     "LoadedModel",
-    "check_pooling",
     "load_image_classifier",
     "load_model",
     "load_text_classifier",
