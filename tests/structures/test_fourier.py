@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import surm
+from surm.structures import fourier
 from surm.structures.fourier import distinct_frequencies, drawn_frequencies
 
 from .cases import HUGE, SHAPES, assert_refused_quickly
@@ -58,9 +59,10 @@ def test_frequencies_are_fixed_by_the_shape_and_nest_by_count():
     count starts with the smaller one's."""
     first = surm.structure("fourier", 12, 18, frequencies=20)
     second = surm.structure("fourier", 12, 18, frequencies=20)
-    assert torch.equal(first.rows, second.rows) and torch.equal(first.cols, second.cols)
+    for (name, buffer), (_, again) in zip(first.named_buffers(), second.named_buffers(), strict=True):
+        assert torch.equal(buffer, again), name
     assert drawn_frequencies(40, 30, 50)[:10] == drawn_frequencies(40, 30, 10)
-    assert "rows" not in first.state_dict() and list(first.state_dict()) == ["coefficients"]
+    assert list(first.state_dict()) == ["coefficients"]
 
 
 def test_rank_grows_with_the_frequencies_drawn_up_to_full():
@@ -94,3 +96,31 @@ def test_a_count_beyond_the_distinct_frequencies_is_refused_before_allocating(fr
 
 def test_the_default_count_never_exceeds_what_a_thin_shape_has():
     assert surm.structure("fourier", 1, 5).num_parameters() == distinct_frequencies(1, 5) == 3
+
+
+@pytest.mark.parametrize("m, n", [(8, 6), (9, 7), (12, 18), (1, 6), (5, 1)])
+def test_the_gather_scatter_form_equals_the_sparse_products(m, n, monkeypatch):
+    """Where sparse kernels are not used (under torch.compile, on other devices) the fast apply gathers, weights and
+    scatters the bins instead: the same values and gradients as the sparse (CSR) products, float64, including shapes
+    where two frequencies share a position of P (their entries add)."""
+    torch.manual_seed(0)
+    module = surm.structure("fourier", m, n, init="random").double()
+    x = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, m, dtype=torch.float64)
+    results = []
+    for sparse in (True, False):
+        monkeypatch.setattr(fourier, "_sparse_kernels", lambda like, sparse=sparse: sparse)
+        y = module(x)
+        results.append((y, *torch.autograd.grad((y * weights).sum(), [x, module.coefficients])))
+        with torch.no_grad():
+            results.append((module(x),))
+    for fast, other in zip(results[:2], results[2:]):
+        for a, b in zip(fast, other):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[0][0], x @ module.dense().T, rtol=0, atol=1e-12)
+
+
+def test_frequencies_sharing_a_position_are_covered():
+    """(8, 6) has two frequencies at the same (output bin, input bin): the tests above exercise the added entries."""
+    module = surm.structure("fourier", 8, 6)
+    assert module.spectral_col.numel() < 2 * module.frequencies

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import math
 import random
+import warnings
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,12 @@ from ._fft import fft_work
 from ._reuse import records_gradient
 from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, operator_calls, same_options
 from .options import Option
+
+#: Elementwise units per number the fast apply moves through its bin-major copies and sparse products: measured
+#: with ``benchmarks/path_rates.py --families fourier`` (9 shapes from 64 x 256 to 5632 x 2048, 1-2048 tokens,
+#: training and eval; docs/results/decoder_speed.md), these run at about half the rate of the elementwise passes the
+#: shared rates were fitted on; with 2, ``auto`` takes the faster path in 68 of 72 cells (1 counts only 64).
+MOVED_NUMBER_WORK = 2.0
 
 #: Seed of the rule that draws a shape's frequencies: every matrix of one shape and count uses the same ones, so
 #: they are recomputed, not stored (Python's ``random.random()`` stream is stable across Python versions).
@@ -44,56 +51,146 @@ def drawn_frequencies(rows: int, cols: int, count: int) -> tuple[tuple[int, int]
 
 
 def _planes(x: Tensor) -> Tensor:
-    """rfft over the last dimension of the rows x (T, n), as (2, n // 2 + 1, T): real and imaginary planes, each row
-    one frequency's values over the T rows (contiguous, so that gathering and adding frequencies moves whole rows)."""
-    return torch.view_as_real(torch.fft.rfft(x, dim=-1)).permute(2, 1, 0).contiguous()
+    """rfft over the last dimension of the rows x (T, n), as (n // 2 + 1, 2, T): per frequency bin, its real and
+    imaginary values over the T rows (bins lead, so that gathering and adding frequencies moves whole contiguous
+    blocks along the first dimension, which PyTorch's index_select / index_add_ do fastest)."""
+    return torch.view_as_real(torch.fft.rfft(x, dim=-1)).permute(1, 2, 0).contiguous()
 
 
 def _from_planes(planes: Tensor, length: int) -> Tensor:
-    """irfft of (2, length // 2 + 1, T) planes: the rows (T, length)."""
-    return torch.fft.irfft(torch.view_as_complex(planes.permute(2, 1, 0).contiguous()), n=length, dim=-1)
+    """irfft of (length // 2 + 1, 2, T) planes: the rows (T, length)."""
+    return torch.fft.irfft(torch.view_as_complex(planes.permute(2, 0, 1).contiguous()), n=length, dim=-1)
 
 
-def _gather_scatter(planes: Tensor, weights: Tensor, in_bin: Tensor, out_bin: Tensor, out_features: int) -> Tensor:
-    """H (2, out_features // 2 + 1, T): H[:, out_bin_k] += weights[k] * planes[:, in_bin_k], per plane."""
-    half = planes.new_zeros((2, out_features // 2 + 1, planes.shape[-1]))
-    return half.index_add_(1, out_bin, planes.index_select(1, in_bin) * weights.t().unsqueeze(-1))
+def _consume_sparse_beta_warning() -> None:
+    """Build one CSR tensor with PyTorch's once-per-process "Sparse CSR tensor support is in beta state" warning
+    silenced, so that users of the fast apply (which builds CSR tensors) never see it: the operations used here
+    (construction, ``sparse.mm``, ``sparse.sampled_addmm``) are tested against the dense form."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        torch.sparse_csr_tensor(torch.zeros(2, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0),
+                                (1, 1), check_invariants=False)
+
+
+_consume_sparse_beta_warning()
+
+
+def _compressed(rows: Tensor, count: int) -> Tensor:
+    """CSR row pointers (count + 1) of positions sorted by row, ``rows`` their rows."""
+    return torch.cat([rows.new_zeros(1), torch.cumsum(torch.bincount(rows, minlength=count), 0)])
+
+
+class SpectralLayout(NamedTuple):
+    """Where each of the 2 K numbers weights[k, p] (p: real, imaginary plane) sits in the sparse spectral matrix P
+    (2 (m // 2 + 1) x 2 (n // 2 + 1)): row 2 out_bin_k + p, column 2 in_bin_k + p. In compressed sparse row form,
+    ``slot`` maps entries to P's stored values (two frequencies can share a position: their entries add), ``crow`` /
+    ``col`` index P, ``transposed`` orders P's values as P^T's, indexed by ``transposed_crow`` / ``transposed_col``;
+    ``in_bin`` / ``out_bin`` (K) serve the gather / scatter form used where sparse kernels are not
+    (:func:`_sparse_kernels`); ``in_factor`` / ``out_factor`` (K) are the backward's factors of each frequency."""
+
+    in_bin: Tensor
+    out_bin: Tensor
+    slot: Tensor
+    crow: Tensor
+    col: Tensor
+    transposed: Tensor
+    transposed_crow: Tensor
+    transposed_col: Tensor
+    in_factor: Tensor
+    out_factor: Tensor
+
+
+def _sparse_kernels(like: Tensor) -> bool:
+    """Whether the products below run as PyTorch sparse (CSR) kernels: on CPU and CUDA tensors, outside
+    ``torch.compile`` (which cannot trace sparse tensors); elsewhere they gather, weight and scatter the bins with
+    index_select / index_add_ (the same values, with a (K, 2, T) intermediate: slower at LLM shapes)."""
+    return like.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+
+
+def _sparse(entries: Tensor, layout: SpectralLayout, transposed: bool, shape: tuple[int, int]) -> Tensor:
+    """P (or P^T) holding the 2 K ``entries`` (K, 2), the entries sharing a position added."""
+    values = entries.new_zeros(layout.col.shape).index_add_(0, layout.slot, entries.reshape(-1))
+    if transposed:
+        return torch.sparse_csr_tensor(layout.transposed_crow, layout.transposed_col, values[layout.transposed],
+                                       shape, check_invariants=False)
+    return torch.sparse_csr_tensor(layout.crow, layout.col, values, shape, check_invariants=False)
+
+
+def _full_precision(like: Tensor) -> torch.autocast:
+    """Autocast off on ``like``'s device: under autocast, the sparse products would be cast to half precision, which
+    PyTorch's sparse kernels do not implement on every device (the CPU's has no bfloat16)."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
+def _spectral_product(planes: Tensor, weights: Tensor, layout: SpectralLayout, out_bins: int) -> Tensor:
+    """H (out_bins, 2, T) = P planes: H[out_bin_k, p] += weights[k, p] planes[in_bin_k, p], over the T rows."""
+    rows = planes.shape[-1]
+    if not _sparse_kernels(planes):
+        half = planes.new_zeros((out_bins, 2, rows))
+        return half.index_add_(0, layout.out_bin, planes.index_select(0, layout.in_bin) * weights.unsqueeze(-1))
+    matrix = _sparse(weights, layout, False, (2 * out_bins, planes.shape[0] * 2))
+    with _full_precision(planes):
+        return torch.sparse.mm(matrix, planes.view(-1, rows)).view(out_bins, 2, rows)
+
+
+def _transposed_product(spectrum: Tensor, entries: Tensor, layout: SpectralLayout, in_bins: int) -> Tensor:
+    """P'^T spectrum (in_bins, 2, T), P' holding ``entries`` (K, 2) at P's positions: the adjoint of
+    :func:`_spectral_product` for those weights."""
+    rows = spectrum.shape[-1]
+    if not _sparse_kernels(spectrum):
+        spread = spectrum.new_zeros((in_bins, 2, rows))
+        return spread.index_add_(0, layout.in_bin, spectrum.index_select(0, layout.out_bin) * entries.unsqueeze(-1))
+    matrix = _sparse(entries, layout, True, (2 * in_bins, spectrum.shape[0] * 2))
+    with _full_precision(spectrum):
+        return torch.sparse.mm(matrix, spectrum.view(-1, rows)).view(in_bins, 2, rows)
+
+
+def _sampled_product(spectrum: Tensor, planes: Tensor, layout: SpectralLayout) -> Tensor:
+    """(K, 2): sum over the T rows of spectrum[out_bin_k, p] planes[in_bin_k, p], i.e. spectrum planes^T read at P's
+    positions (each entry reads its position)."""
+    rows = planes.shape[-1]
+    if not _sparse_kernels(planes):
+        gathered = spectrum.index_select(0, layout.out_bin).reshape(-1, 1, rows)
+        return torch.bmm(gathered, planes.index_select(0, layout.in_bin).reshape(-1, rows, 1)).view(-1, 2)
+    shape = (spectrum.shape[0] * 2, planes.shape[0] * 2)
+    pattern = torch.sparse_csr_tensor(layout.crow, layout.col, planes.new_zeros(layout.col.shape), shape,
+                                      check_invariants=False)
+    with _full_precision(planes):
+        sampled = torch.sparse.sampled_addmm(pattern, spectrum.view(-1, rows), planes.view(-1, rows).t())
+    return sampled.values()[layout.slot].view(-1, 2)
 
 
 class SpectrumGatherScatter(torch.autograd.Function):
-    """y = irfft(H), H[:, out_bin_k] += weights[k] * rfft(x)[:, in_bin_k] per plane (real, imaginary), over rows.
+    """y = irfft(H), H[out_bin_k, p] += weights[k, p] * rfft(x)[in_bin_k, p] per plane p (real, imaginary), over rows:
+    H = P rfft(x), P sparse (:class:`SpectralLayout`).
 
     Backward, with the adjoints of the two transforms written out (two real FFTs, where autograd's backward of rfft
     takes a full complex one): irfft's adjoint is rfft(grad) / m, doubled on the bins irfft counts twice
-    (``out_factor``), and rfft's is n irfft(.) with those bins halved (``in_factor``); the weights' gradient sums,
-    over rows, the output gradient's bin times the input's (the input's planes are kept from forward: about x's
-    size).
+    (``out_factor``), and rfft's is n irfft(.) with those bins halved (``in_factor``), so grad_x = irfft(P'^T G),
+    G = rfft(grad), P' holding weights * in_factor * out_factor; the weights' gradient is, per entry, the sum over
+    rows of G's bin times the input's (G rfft(x)^T read at P's positions), times out_factor. The input's planes are
+    kept from forward (about x's size).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weights: Tensor, layout: tuple[Tensor, ...],  # type: ignore[override]
+    def forward(ctx, x: Tensor, weights: Tensor, layout: SpectralLayout,  # type: ignore[override]
                 out_features: int) -> Tensor:
-        in_bin, out_bin = layout[:2]
         planes = _planes(x)
         ctx.save_for_backward(planes, weights)
         ctx.layout, ctx.in_features = layout, x.shape[-1]
-        return _from_planes(_gather_scatter(planes, weights, in_bin, out_bin, out_features), out_features)
+        return _from_planes(_spectral_product(planes, weights, layout, out_features // 2 + 1), out_features)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         planes, weights = ctx.saved_tensors
-        in_bin, out_bin, in_factor, out_factor = ctx.layout
-        gathered = _planes(grad).index_select(1, out_bin)  # dL/d(weights[k] * input bin) / out_factor, (2, K, T)
+        layout = ctx.layout
+        spectrum = _planes(grad)  # (m // 2 + 1, 2, T)
         grad_x = grad_weights = None
         if ctx.needs_input_grad[0]:
-            spread = planes.new_zeros(planes.shape)
-            spread.index_add_(1, in_bin, gathered * (weights.t() * in_factor * out_factor).unsqueeze(-1))
-            grad_x = _from_planes(spread, ctx.in_features)
+            entries = weights * (layout.in_factor * layout.out_factor).unsqueeze(-1)
+            grad_x = _from_planes(_transposed_product(spectrum, entries, layout, planes.shape[0]), ctx.in_features)
         if ctx.needs_input_grad[1]:
-            picked = planes.index_select(1, in_bin)
-            rows = picked.shape[-1]
-            dots = torch.bmm(gathered.reshape(-1, 1, rows), picked.reshape(-1, rows, 1)).view(2, -1)
-            grad_weights = (dots * out_factor).t()
+            grad_weights = _sampled_product(spectrum, planes, layout) * layout.out_factor.unsqueeze(-1)
         return grad_x, grad_weights, None, None
 
 
@@ -111,7 +208,11 @@ class Fourier(StructuredMatrix):
     sum_j cos(...) x_j is the real part of e^{2 pi i r_k i / m} conj(X[c_k]), X = FFT(x), read from rfft(x)
     (X[c] = conj(X[n - c]) beyond n/2); the K products s_k conj(X[c_k]) are added into a half spectrum H of length
     m/2 + 1 (into bin m - r_k, conjugated, for r_k > m/2; halved where irfft doubles a bin) and y = g m irfft(H).
-    Dense form: g m n Re(ifft2(S)), S the (m, n) spectrum holding s_k at (r_k, c_k).
+    Gathering, weighting and adding the K bins is one sparse product H = P rfft(x) over all rows, P holding the 2 K
+    weights (real and imaginary plane) in compressed sparse row form (:class:`SpectralLayout`); no (K x rows) copy
+    of the picked bins is made (with K = max(m, n) it is larger than the spectrum itself).
+    Dense form: g m n Re(ifft2(S)), S the (m, n) spectrum holding s_k at (r_k, c_k); computed as one irfft2 of the
+    Hermitian half spectrum (:meth:`dense`).
 
     Parameters: ``K`` (``frequencies``; default max(m, n), the circulant's count). Init ``"zero"``: s = 0 (M = 0,
     dM/ds != 0); ``"random"``: s ~ N(0, 1).
@@ -167,7 +268,29 @@ class Fourier(StructuredMatrix):
         doubled_in = (in_bin > 0) & (2 * in_bin != n)
         scale = self.gain * m * torch.where(doubled_out, 0.5, 1.0).double()
         imaginary_sign = torch.where(input_conjugated != output_conjugated, -1.0, 1.0).double()
-        for name, value in (("rows", rows), ("cols", cols), ("in_bin", in_bin), ("out_bin", out_bin)):
+        # The fast apply's sparse P (SpectralLayout): entry 2 k + p at row 2 out_bin_k + p, column 2 in_bin_k + p;
+        # positions sorted row-major are P's stored values, in CSR form, and again column-major for P^T.
+        plane = torch.arange(2)
+        out_rows, in_rows = 2 * (m // 2 + 1), 2 * (n // 2 + 1)
+        entry_rows = (2 * out_bin.unsqueeze(-1) + plane).reshape(-1)
+        entry_cols = (2 * in_bin.unsqueeze(-1) + plane).reshape(-1)
+        positions, slot = torch.unique(entry_rows * in_rows + entry_cols, return_inverse=True)
+        position_rows, position_cols = positions // in_rows, positions % in_rows
+        transposed = torch.argsort(position_cols * out_rows + position_rows)
+        sparse = {"slot": slot, "crow": _compressed(position_rows, out_rows), "col": position_cols,
+                  "transposed": transposed, "transposed_crow": _compressed(position_cols, in_rows),
+                  "transposed_col": position_rows[transposed]}
+        # The dense form's half grid (m, n // 2 + 1): s_k / 2 at (r_k, c_k) where c_k <= n / 2, and at its pair
+        # (-r_k, -c_k) where -c_k mod n <= n / 2 (both for c_k = 0 or n / 2).
+        paired_rows, paired_cols = (-rows) % m, (-cols) % n
+        in_half, pair_in_half = cols <= n // 2, paired_cols <= n // 2
+        half_grid_index = torch.cat([(rows * (n // 2 + 1) + cols)[in_half],
+                                     (paired_rows * (n // 2 + 1) + paired_cols)[pair_in_half]])
+        frequency = torch.arange(len(rows))
+        half_grid_source = torch.cat([frequency[in_half], frequency[pair_in_half]])
+        for name, value in (*((f"spectral_{key}", value) for key, value in sparse.items()),
+                            ("in_bin", in_bin), ("out_bin", out_bin), ("half_grid_index", half_grid_index),
+                            ("half_grid_source", half_grid_source)):
             self.register_buffer(name, value, persistent=False)
         self._constants = {
             "scale": torch.stack([scale, scale * imaginary_sign], dim=-1),
@@ -190,7 +313,8 @@ class Fourier(StructuredMatrix):
                 self.coefficients.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        """y = g m irfft(H), H[out_bin_k] += s_k * scale_k * rfft(x)[in_bin_k] (conjugated where the bins say)."""
+        """y = g m irfft(H), H[out_bin_k] += s_k * scale_k * rfft(x)[in_bin_k] (conjugated where the bins say): H = P
+        rfft(x), P sparse (:class:`SpectralLayout`)."""
         self._check_input(x)
         dtype = compute_dtype(x, self.coefficients)
         if x.numel() == 0:  # MKL refuses empty transforms; the dense product keeps x and s in the graph
@@ -198,39 +322,49 @@ class Fourier(StructuredMatrix):
         device = x.device
         weights = cast(self.coefficients, dtype).unsqueeze(-1) * self._constant("scale", device, dtype)
         rows = cast(x, dtype).reshape(-1, self.in_features)
+        layout = SpectralLayout(self.in_bin, self.out_bin, self.spectral_slot, self.spectral_crow, self.spectral_col,
+                                self.spectral_transposed, self.spectral_transposed_crow, self.spectral_transposed_col,
+                                self._constant("in_factor", device, dtype), self._constant("out_factor", device, dtype))
         if records_gradient(rows, weights):
-            layout = (self.in_bin, self.out_bin, self._constant("in_factor", device, dtype),
-                      self._constant("out_factor", device, dtype))
             y = SpectrumGatherScatter.apply(rows, weights, layout, self.out_features)
         else:
-            half = _gather_scatter(_planes(rows), weights, self.in_bin, self.out_bin, self.out_features)
+            half = _spectral_product(_planes(rows), weights, layout, self.out_features // 2 + 1)
             y = _from_planes(half, self.out_features)
         return cast(y.reshape(*x.shape[:-1], self.out_features), x.dtype)
 
     def dense(self) -> Tensor:
+        """g m n irfft2(A): A the Hermitian spectrum holding s_k / 2 at (r_k, c_k) and at (-r_k, -c_k), of which irfft2
+        reads the half c <= n / 2 (:attr:`half_grid_index`); its backward is one real 2-D FFT of the gradient."""
         m, n = self.out_features, self.in_features
         dtype = self.coefficients.dtype if self.coefficients.dtype == torch.float64 else torch.float32
         complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-        grid = torch.zeros(m * n, dtype=complex_dtype, device=self.coefficients.device)
-        grid = grid.index_put((self.rows * n + self.cols,), self.coefficients.to(complex_dtype)).view(m, n)
-        matrix = torch.fft.ifft2(grid).real * (self.gain * m * n)
+        values = self.coefficients.to(complex_dtype).index_select(0, self.half_grid_source) * 0.5
+        grid = torch.zeros(m * (n // 2 + 1), dtype=complex_dtype, device=self.coefficients.device)
+        grid = grid.index_put((self.half_grid_index,), values, accumulate=True).view(m, n // 2 + 1)
+        matrix = torch.fft.irfft2(grid, s=(m, n)) * (self.gain * m * n)
         return matrix.to(self.coefficients.dtype)
 
     def num_parameters(self) -> int:
         return self.frequencies
 
     def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
-        # Forward: rfft(x), K picked bins times their weights, added into m/2 + 1 bins, irfft. Backward
-        # (SpectrumGatherScatter): the two transforms' adjoints and the gathers', plus the coefficients' gradient.
+        # Forward: rfft(x), its copy into bin-major planes, the sparse product P planes (2 K multiply-adds and the
+        # output's 2 (m/2 + 1) numbers per row), the copy back, irfft. Backward (SpectrumGatherScatter): the
+        # gradient's rfft and planes, P^T's product, its copy back and irfft, and the product sampled at P's 2 K
+        # positions for the coefficients.
+        in_numbers, out_numbers = 2 * (self.in_features // 2 + 1), 2 * (self.out_features // 2 + 1)
         fft = tokens * (fft_work(self.in_features) + fft_work(self.out_features))
-        elementwise = tokens * (2 * 2 * self.frequencies + (self.out_features // 2 + 1) * 2 + self.out_features)
-        work = Cost(fft=(2 if backward else 1) * fft, elementwise=(3 if backward else 1) * elementwise)
+        forward = tokens * (in_numbers + 2 * self.frequencies + 2 * out_numbers)
+        backward_work = tokens * (out_numbers + 4 * self.frequencies + 2 * in_numbers) if backward else 0
+        work = Cost(fft=(2 if backward else 1) * fft, elementwise=MOVED_NUMBER_WORK * (forward + backward_work))
         return work + operator_calls(8, 14, backward)
 
     def dense_cost(self, backward: bool) -> Cost:
+        # Forward: the half grid (m x (n/2 + 1) complex) and one irfft2; backward: one rfft2 and the gather.
         m, n = self.out_features, self.in_features
-        fft = 2 * m * n * math.log2(max(m * n, 2))  # one complex 2-D transform
-        return Cost(fft=(2 if backward else 1) * fft, elementwise=(3 if backward else 1) * 3 * m * n) + \
+        fft = m * n * math.log2(max(m * n, 2))  # one real 2-D transform
+        half_grid = 2 * m * (n // 2 + 1)
+        return Cost(fft=(2 if backward else 1) * fft, elementwise=(2 if backward else 1) * (half_grid + m * n)) + \
             operator_calls(6, 8, backward)
 
     @classmethod
