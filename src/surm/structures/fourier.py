@@ -68,8 +68,8 @@ def _consume_sparse_beta_warning() -> None:
     (construction, ``sparse.mm``, ``sparse.sampled_addmm``) are tested against the dense form."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        torch.sparse_csr_tensor(torch.zeros(2, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0),
-                                (1, 1), check_invariants=False)
+        index = torch.zeros(2, dtype=torch.long, device="cpu")
+        torch.sparse_csr_tensor(index, index[:0], torch.zeros(0, device="cpu"), (1, 1), check_invariants=False)
 
 
 _consume_sparse_beta_warning()
@@ -270,7 +270,7 @@ class Fourier(StructuredMatrix):
         imaginary_sign = torch.where(input_conjugated != output_conjugated, -1.0, 1.0).double()
         # The fast apply's sparse P (SpectralLayout): entry 2 k + p at row 2 out_bin_k + p, column 2 in_bin_k + p;
         # positions sorted row-major are P's stored values, in CSR form, and again column-major for P^T.
-        plane = torch.arange(2)
+        plane = torch.arange(2, device=rows.device)
         out_rows, in_rows = 2 * (m // 2 + 1), 2 * (n // 2 + 1)
         entry_rows = (2 * out_bin.unsqueeze(-1) + plane).reshape(-1)
         entry_cols = (2 * in_bin.unsqueeze(-1) + plane).reshape(-1)
@@ -286,7 +286,7 @@ class Fourier(StructuredMatrix):
         in_half, pair_in_half = cols <= n // 2, paired_cols <= n // 2
         half_grid_index = torch.cat([(rows * (n // 2 + 1) + cols)[in_half],
                                      (paired_rows * (n // 2 + 1) + paired_cols)[pair_in_half]])
-        frequency = torch.arange(len(rows))
+        frequency = torch.arange(len(rows), device=rows.device)
         half_grid_source = torch.cat([frequency[in_half], frequency[pair_in_half]])
         for name, value in (*((f"spectral_{key}", value) for key, value in sparse.items()),
                             ("in_bin", in_bin), ("out_bin", out_bin), ("half_grid_index", half_grid_index),
