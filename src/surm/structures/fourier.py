@@ -122,27 +122,17 @@ def _full_precision(like: Tensor) -> torch.autocast:
     return torch.autocast(like.device.type, enabled=False)
 
 
-def _spectral_product(planes: Tensor, weights: Tensor, layout: SpectralLayout, out_bins: int) -> Tensor:
-    """H (out_bins, 2, T) = P planes: H[out_bin_k, p] += weights[k, p] planes[in_bin_k, p], over the T rows."""
-    rows = planes.shape[-1]
-    if not _sparse_kernels(planes):
-        half = planes.new_zeros((out_bins, 2, rows))
-        return half.index_add_(0, layout.out_bin, planes.index_select(0, layout.in_bin) * weights.unsqueeze(-1))
-    matrix = _sparse(weights, layout, False, (2 * out_bins, planes.shape[0] * 2))
-    with _full_precision(planes):
-        return torch.sparse.mm(matrix, planes.view(-1, rows)).view(out_bins, 2, rows)
-
-
-def _transposed_product(spectrum: Tensor, entries: Tensor, layout: SpectralLayout, in_bins: int) -> Tensor:
-    """P'^T spectrum (in_bins, 2, T), P' holding ``entries`` (K, 2) at P's positions: the adjoint of
-    :func:`_spectral_product` for those weights."""
-    rows = spectrum.shape[-1]
-    if not _sparse_kernels(spectrum):
-        spread = spectrum.new_zeros((in_bins, 2, rows))
-        return spread.index_add_(0, layout.in_bin, spectrum.index_select(0, layout.out_bin) * entries.unsqueeze(-1))
-    matrix = _sparse(entries, layout, True, (2 * in_bins, spectrum.shape[0] * 2))
-    with _full_precision(spectrum):
-        return torch.sparse.mm(matrix, spectrum.view(-1, rows)).view(in_bins, 2, rows)
+def _bin_product(source: Tensor, entries: Tensor, layout: SpectralLayout, transposed: bool, bins: int) -> Tensor:
+    """P source, or with ``transposed`` P^T source, as (bins, 2, T); P holding ``entries`` (K, 2) at its positions:
+    result[out_bin_k, p] += entries[k, p] source[in_bin_k, p] over the T rows (in and out swapped for P^T)."""
+    rows = source.shape[-1]
+    if not _sparse_kernels(source):
+        read, write = (layout.out_bin, layout.in_bin) if transposed else (layout.in_bin, layout.out_bin)
+        result = source.new_zeros((bins, 2, rows))
+        return result.index_add_(0, write, source.index_select(0, read) * entries.unsqueeze(-1))
+    matrix = _sparse(entries, layout, transposed, (2 * bins, source.shape[0] * 2))
+    with _full_precision(source):
+        return torch.sparse.mm(matrix, source.view(-1, rows)).view(bins, 2, rows)
 
 
 def _sampled_product(spectrum: Tensor, planes: Tensor, layout: SpectralLayout) -> Tensor:
@@ -178,7 +168,7 @@ class SpectrumGatherScatter(torch.autograd.Function):
         planes = _planes(x)
         ctx.save_for_backward(planes, weights)
         ctx.layout, ctx.in_features = layout, x.shape[-1]
-        return _from_planes(_spectral_product(planes, weights, layout, out_features // 2 + 1), out_features)
+        return _from_planes(_bin_product(planes, weights, layout, False, out_features // 2 + 1), out_features)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -188,7 +178,7 @@ class SpectrumGatherScatter(torch.autograd.Function):
         grad_x = grad_weights = None
         if ctx.needs_input_grad[0]:
             entries = weights * (layout.in_factor * layout.out_factor).unsqueeze(-1)
-            grad_x = _from_planes(_transposed_product(spectrum, entries, layout, planes.shape[0]), ctx.in_features)
+            grad_x = _from_planes(_bin_product(spectrum, entries, layout, True, planes.shape[0]), ctx.in_features)
         if ctx.needs_input_grad[1]:
             grad_weights = _sampled_product(spectrum, planes, layout) * layout.out_factor.unsqueeze(-1)
         return grad_x, grad_weights, None, None
@@ -328,7 +318,7 @@ class Fourier(StructuredMatrix):
         if records_gradient(rows, weights):
             y = SpectrumGatherScatter.apply(rows, weights, layout, self.out_features)
         else:
-            half = _spectral_product(_planes(rows), weights, layout, self.out_features // 2 + 1)
+            half = _bin_product(_planes(rows), weights, layout, False, self.out_features // 2 + 1)
             y = _from_planes(half, self.out_features)
         return cast(y.reshape(*x.shape[:-1], self.out_features), x.dtype)
 
