@@ -52,8 +52,9 @@ def drawn_frequencies(rows: int, cols: int, count: int) -> tuple[tuple[int, int]
 
 def _planes(x: Tensor) -> Tensor:
     """rfft over the last dimension of the rows x (T, n), as (n // 2 + 1, 2, T): per frequency bin, its real and
-    imaginary values over the T rows (bins lead, so that gathering and adding frequencies moves whole contiguous
-    blocks along the first dimension, which PyTorch's index_select / index_add_ do fastest)."""
+    imaginary values over the T rows. Bins lead so that the planes are P's right-hand side as a (2 bins, T) matrix
+    (row 2 bin + plane, :class:`SpectralLayout`), and the gather / scatter form moves whole contiguous blocks along
+    the first dimension, where PyTorch's index_select / index_add_ run fastest."""
     return torch.view_as_real(torch.fft.rfft(x, dim=-1)).permute(1, 2, 0).contiguous()
 
 
