@@ -212,7 +212,7 @@ def test_config_takes_every_surmconfig_setting(tmp_path):
     assert used["inference_mode"] is False  # provenance entries are the run's own
     keys = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     adapted = {k.split(".surm_delta.")[0] for k in keys if ".surm_delta." in k}
-    assert adapted == {f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 2)
+    assert adapted == {f"base_model.model.encoder.encoder.layer.{i}.attention.self.{m}" for i in (0, 2)  # mean-pooled
                        for m in ("query", "value")}
     assert any("outer_values" in k for k in keys if ".value." in k)  # the override made value Toeplitz
 

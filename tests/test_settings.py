@@ -26,7 +26,7 @@ from surm.settings import RunSettings, setting_defaults, setting_types
     ({"device": "cuda:x"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
     ({"model": ""}, "model must be a non-empty string, got ''"),
     ({"text_pair_column": ""}, "text_pair_column must be a non-empty string or None, got ''"),
-    ({"pooling": "max"}, "pooling 'max' is not one of model, mean"),
+    ({"pooling": "max"}, "pooling 'max' is not one of auto, model, mean"),
 ])
 def test_bad_settings_are_refused_naming_the_value(changes, message):
     with pytest.raises(ValueError, match=message):

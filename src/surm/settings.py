@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from .models.text import TEXT_POOLINGS, check_pooling
+from .models.text import DEFAULT_POOLING, TEXT_POOLINGS, check_pooling
 from .validation import is_finite_number, is_int, is_number
 
 #: Learning rate of the classifier head, which every method trains. 1e-2 was chosen on validation (seed 0, MiniLM,
@@ -43,8 +43,10 @@ class RunSettings:
     weight_decay: float = _setting(0.0, "AdamW's decoupled weight decay")
     warmup_ratio: float = _setting(0.06, "fraction of the steps with a linear warm-up of the learning rate")
     max_length: int = _setting(64, "tokens per text (longer texts are truncated)")
-    pooling: str = _setting("model", f"text models: how token states reach the head, {' or '.join(TEXT_POOLINGS)} "
-                            "(the Transformers classifier's own, e.g. BERT's [CLS] pooler; or the masked mean)")
+    pooling: str = _setting(DEFAULT_POOLING, f"text models: how token states reach the head, one of "
+                            f"{', '.join(TEXT_POOLINGS)} (the checkpoint's declared pooling, e.g. a sentence-transformers "
+                            "model's masked mean; the Transformers classifier's own, e.g. BERT's [CLS] pooler; the "
+                            "masked mean)")
     train_size: Optional[int] = _setting(None, "train on a seeded subset of this many examples")
     eval_size: Optional[int] = _setting(None, "evaluate on seeded subsets of this size")
     device: str = _setting("auto", "auto, cpu, cuda or cuda:N")

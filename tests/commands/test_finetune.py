@@ -30,7 +30,7 @@ from ..conftest import REFERENCE_ARGS
 from ..runs import TINY, call_main, environment, finetune_main, listing, surm_command, wait_for
 
 RESULT_FIELDS = {
-    "method", "label", "mode", "config", "peft_config", "trainable_params", "head_params", "total_params",
+    "method", "label", "mode", "config", "pooling", "peft_config", "trainable_params", "head_params", "total_params",
     "test_accuracy", "test_macro_f1", "test_loss", "test_confusion", "imbalanced", "validation_history",
     "train_seconds", "peak_memory_mb", "samples_per_second", "seed", "versions", "dataset", "num_labels", "label_names",
     "world_size", "device",
@@ -40,13 +40,14 @@ RESULT_FIELDS = {
 def evaluate_saved(adapter, results):
     """Load ``adapter`` onto a fresh MiniLM with PeftModel.from_pretrained; its predictions on the run's test subset.
 
-    The base is Transformers' sequence classifier, or surm's mean-pooled one for a run with ``--pooling mean``.
+    The base is the one the run used (its results' ``pooling``): Transformers' sequence classifier or surm's mean-pooled
+    one (MiniLM's declared pooling, so the default's).
     Returns (accuracy, macro-F1, mean loss), computed here from scratch.
     """
     config = results["config"]
     data = load_dataset(config["dataset"], seed=config["seed"])
     examples = subset(data.test, config["eval_size"], config["seed"])
-    if config["pooling"] == "mean":
+    if results["pooling"] == "mean":
         base = load_text_classifier("minilm", data.num_labels, pooling="mean").model
     else:
         base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=data.num_labels)
@@ -168,19 +169,30 @@ def test_peft_tiny_budget_baselines_train_under_the_same_loop_and_reload(tmp_pat
 
 
 @pytest.mark.slow
-def test_full_finetuning_trains_and_saves_the_whole_model(tmp_path):
-    outcome = finetune_main(tmp_path / "full", "--structure", "full", *TINY, "--epochs", "1")
+@pytest.mark.parametrize("pooling", ["model", "auto"])
+def test_full_finetuning_trains_and_saves_the_whole_model(tmp_path, pooling):
+    """``model``: a Transformers folder; the default (MiniLM's mean pooling, a plain module): its state dict as
+    model.safetensors, which loads strictly into ``load_text_classifier(..., pooling="mean").model``."""
+    outcome = finetune_main(tmp_path / "full", "--structure", "full", "--pooling", pooling, *TINY, "--epochs", "1")
     results = outcome.results
     assert results["method"] == "full" and results["peft_config"] is None
     assert results["trainable_params"] == results["total_params"] > 22_000_000
     assert results["config"]["lr"] == pytest.approx(1e-4)
     model = tmp_path / "full" / "model"
     assert not (tmp_path / "full" / "adapter").exists()
-    reloaded = AutoModelForSequenceClassification.from_pretrained(model)
-    assert sum(p.numel() for p in reloaded.parameters()) == results["total_params"]
-    original = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-    name = "bert.encoder.layer.0.attention.self.query.weight"  # trained: it moved away from the pretrained value
-    assert not torch.equal(reloaded.state_dict()[name], original.state_dict()[name])
+    if pooling == "model":
+        reloaded = AutoModelForSequenceClassification.from_pretrained(model).state_dict()
+        original = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).state_dict()
+        name = "bert.encoder.layer.0.attention.self.query.weight"
+    else:
+        assert results["pooling"] == "mean"
+        fresh = load_text_classifier("minilm", 2, pooling="mean").model
+        original = {k: v.clone() for k, v in fresh.state_dict().items()}
+        fresh.load_state_dict(load_file(model / "model.safetensors"), strict=True)
+        reloaded = fresh.state_dict()
+        name = "encoder.encoder.layer.0.attention.self.query.weight"
+    assert sum(v.numel() for v in reloaded.values()) >= results["total_params"]
+    assert not torch.equal(reloaded[name], original[name])  # trained: it moved away from the pretrained value
 
 
 @pytest.mark.slow
@@ -408,11 +420,12 @@ def test_budget_params_trains_the_recommended_method_within_the_budget(tmp_path)
 
 @pytest.mark.slow
 def test_mean_pooling_trains_the_recommendation_and_the_saved_adapter_reproduces_the_run(tmp_path):
-    """--pooling mean: the encoder's masked mean feeds the head; the recommendation finds the same roles under the
-    wrapper, and the adapter with its head reloads onto a fresh mean-pooled MiniLM with the run's test metrics."""
-    outcome = finetune_main(tmp_path / "run", "--pooling", "mean", "--budget-params", "7372", *TINY, "--epochs", "1")
+    """The default pooling, ``auto``, reads MiniLM's declaration (a sentence-transformers mean): the encoder's masked
+    mean feeds the head; the recommendation finds the same roles under the wrapper, and the adapter with its head
+    reloads onto a fresh mean-pooled MiniLM with the run's test metrics."""
+    outcome = finetune_main(tmp_path / "run", "--budget-params", "7372", *TINY, "--epochs", "1")
     results = outcome.results
-    assert results["config"]["pooling"] == "mean"
+    assert results["config"]["pooling"] == "auto" and results["pooling"] == "mean"
     assert results["peft_config"]["task_type"] is None and results["peft_config"]["modules_to_save"] == ["classifier"]
     assert results["config"]["method"]["targets"] == ["attention.self.query", "attention.self.value"]
     assert results["trainable_params"] == 7368 + 770 == trainable_count(tmp_path / "run" / "adapter")

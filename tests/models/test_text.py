@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,7 +12,7 @@ import torch  # noqa: E402
 from transformers import BertForSequenceClassification  # noqa: E402
 
 from surm.data import load_dataset  # noqa: E402
-from surm.models import load_model, load_text_classifier  # noqa: E402
+from surm.models import declared_pooling, load_model, load_text_classifier, minilm_path  # noqa: E402
 from surm.models.text import MeanPooledClassifier  # noqa: E402
 
 SHORT, LONG = "what is a bat ?", "how many miles is it from the north pole to the south pole by air ?"
@@ -55,15 +56,74 @@ def test_mean_pooled_head_is_fresh_and_seeded(mean_pooled):
 
 
 def test_model_pooling_is_the_transformers_sequence_classifier():
-    loaded = load_text_classifier("minilm", num_labels=2, max_length=16)
+    loaded = load_text_classifier("minilm", num_labels=2, max_length=16, pooling="model")
     assert isinstance(loaded.model, BertForSequenceClassification) and loaded.task_type == "SEQ_CLS"
+    assert loaded.pooling == "model"
+
+
+def test_the_default_pooling_is_the_one_the_checkpoint_declares():
+    """all-MiniLM-L6-v2 is a sentence-transformers model whose 1_Pooling averages the tokens: ``auto`` gives the
+    masked mean, and the loaded model says which pooling it used."""
+    assert declared_pooling(minilm_path()) == "mean"
+    loaded = load_text_classifier("minilm", num_labels=2, max_length=16)
+    assert isinstance(loaded.model, MeanPooledClassifier) and loaded.pooling == "mean" and loaded.task_type is None
+
+
+def sentence_transformers_folder(root, modules, pooling_config=None, folder="1_Pooling"):
+    """A model folder holding only sentence-transformers' two JSON files (declared_pooling reads nothing else)."""
+    root.mkdir(exist_ok=True)
+    (root / "modules.json").write_text(modules if isinstance(modules, str) else json.dumps(modules))
+    if pooling_config is not None:
+        (root / folder).mkdir(exist_ok=True)
+        (root / folder / "config.json").write_text(
+            pooling_config if isinstance(pooling_config, str) else json.dumps(pooling_config))
+    return str(root)
+
+
+POOLING = {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}
+TRANSFORMER = {"type": "sentence_transformers.models.Transformer", "path": ""}
+MODES = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False}
+
+
+@pytest.mark.parametrize("modes, expected", [
+    ({"pooling_mode_mean_tokens": True}, "mean"),
+    ({"pooling_mode_cls_token": True}, "model"),  # [CLS] without BERT's pooler: not a pooling surm builds
+    ({"pooling_mode_max_tokens": True}, "model"),
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, "model"),  # concatenated: not the mean
+])
+def test_declared_pooling_reads_the_pooling_module_config(tmp_path, modes, expected):
+    folder = sentence_transformers_folder(tmp_path / "m", [TRANSFORMER, POOLING], {**MODES, **modes})
+    assert declared_pooling(folder) == expected
+
+
+def test_a_checkpoint_without_a_declaration_keeps_the_transformers_classifier(tmp_path):
+    assert declared_pooling(str(tmp_path)) == "model"  # no modules.json: a plain Transformers checkpoint
+    assert declared_pooling(sentence_transformers_folder(tmp_path / "a", [TRANSFORMER])) == "model"
+    assert declared_pooling(sentence_transformers_folder(tmp_path / "b", [TRANSFORMER, POOLING])) == "model"
+
+
+@pytest.mark.parametrize("modules, config, message", [
+    ("[{", None, r"^modules.json of model '.*' is not valid JSON"),
+    ({"type": "x"}, None, r"^modules.json of model '.*' is not a list of modules with a 'type' and a 'path'$"),
+    ([{**POOLING, "path": "../elsewhere"}], None, r"places its pooling module at '../elsewhere', which is not a folder "
+                                                  r"inside the model's$"),
+    ([{**POOLING, "path": "/etc"}], None, r"places its pooling module at '/etc'"),
+    ([POOLING], "{not json", r"^1_Pooling/config.json of model '.*' is not valid JSON"),
+    ([POOLING], {"pooling_mode_mean_tokens": "yes"}, r"has no true/false pooling_mode_\* entries$"),
+    ([POOLING], [1, 2], r"has no true/false pooling_mode_\* entries$"),
+])
+def test_a_malformed_declaration_is_refused_naming_the_file(tmp_path, modules, config, message):
+    folder = sentence_transformers_folder(tmp_path / "m", modules, config)
+    with pytest.raises(ValueError, match=message):
+        declared_pooling(folder)
 
 
 def test_unknown_pooling_is_refused_before_any_model_is_read():
-    with pytest.raises(ValueError, match=r"^pooling 'max' is not one of model, mean$"):
+    with pytest.raises(ValueError, match=r"^pooling 'max' is not one of auto, model, mean$"):
         load_text_classifier("no-such/model", num_labels=2, pooling="max")
 
 
 def test_image_models_refuse_a_text_pooling():
     with pytest.raises(ValueError, match="pooling 'mean' applies to text models"):
         load_model("efficientnet-lite0", load_dataset("digits"), pooling="mean")
+    assert load_model("efficientnet-lite0", load_dataset("digits")).pooling == "model"  # auto: the feature-map mean

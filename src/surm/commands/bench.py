@@ -259,7 +259,10 @@ def _batch(config: BenchConfig, device: str) -> dict[str, torch.Tensor]:
 
 
 def _load_base(config: BenchConfig) -> nn.Module:
-    return load_text_classifier(config.model, num_labels=2, max_length=config.batch[1]).model.to(config.device)
+    # The Transformers sequence classifier, whatever pooling the checkpoint declares: the tables time the encoder and
+    # its adapters, and keep one model across runs.
+    return load_text_classifier(config.model, num_labels=2, max_length=config.batch[1],
+                                pooling="model").model.to(config.device)
 
 
 def build_entries(

@@ -579,6 +579,7 @@ class Run:
             "config": self.config.describe(),
             "peft_config": jsonable(self.peft_config.to_dict()) if self.peft_config is not None else None,
             "model_source": self.loaded.source,
+            "pooling": self.loaded.pooling,
             "dataset": self.data.name,
             "num_labels": self.data.num_labels,
             "label_names": list(self.data.label_names),

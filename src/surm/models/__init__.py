@@ -4,22 +4,30 @@ from __future__ import annotations
 
 from ..data import DatasetSplits
 from .loaded import Collate, LoadedModel
-from .text import TEXT_MODEL_ALIASES, TEXT_POOLINGS, load_text_classifier, minilm_path, text_collate
+from .text import (
+    DEFAULT_POOLING,
+    TEXT_MODEL_ALIASES,
+    TEXT_POOLINGS,
+    declared_pooling,
+    load_text_classifier,
+    minilm_path,
+    text_collate,
+)
 from .vision import IMAGE_MODELS, load_image_classifier
 
 
-def load_model(name: str, data: DatasetSplits, max_length: int = 64, pooling: str = "model") -> LoadedModel:
+def load_model(name: str, data: DatasetSplits, max_length: int = 64, pooling: str = DEFAULT_POOLING) -> LoadedModel:
     """The classifier for ``data``: a text model for text sets (``pooling``: one of :data:`TEXT_POOLINGS`), an image
-    model for image sets (which average their feature map: ``pooling`` must be ``model``).
+    model for image sets (which average their feature map: ``pooling`` must be ``auto`` or ``model``).
 
     Raises:
         ValueError: if the model cannot be loaded or does not fit the data's kind, or for a pooling that does not
             apply.
     """
     if data.kind == "image":
-        if pooling != "model":
+        if pooling not in ("auto", "model"):
             raise ValueError(f"pooling {pooling!r} applies to text models; image models average their feature map "
-                             "(use pooling 'model')")
+                             "(use pooling 'auto' or 'model')")
         return load_image_classifier(name, data)
     if name in IMAGE_MODELS:
         raise ValueError(
@@ -30,11 +38,13 @@ def load_model(name: str, data: DatasetSplits, max_length: int = 64, pooling: st
 
 
 __all__ = [
+    "DEFAULT_POOLING",
     "IMAGE_MODELS",
     "TEXT_MODEL_ALIASES",
     "TEXT_POOLINGS",
     "Collate",
     "LoadedModel",
+    "declared_pooling",
     "load_image_classifier",
     "load_model",
     "load_text_classifier",

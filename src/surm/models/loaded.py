@@ -18,7 +18,8 @@ class LoadedModel:
     ``model(**batch)`` returns logits (or an output with ``.logits``) for ``batch = collate(examples)`` minus its
     ``labels``; ``task_type`` is PEFT's task type (None for plain modules); ``head`` names the freshly initialised
     classifier modules that every method trains; ``default_targets`` are the modules adapted when the user names
-    none (None: the BERT-family defaults of :func:`surm.methods.default_targets`).
+    none (None: the BERT-family defaults of :func:`surm.methods.default_targets`); ``pooling`` is how the token
+    states reach the head (one of ``surm.models.text.TEXT_POOLINGS`` but ``auto``; ``model`` for image models).
     """
 
     name: str
@@ -28,3 +29,4 @@ class LoadedModel:
     head: list[str]
     source: str
     default_targets: Optional[list[str]] = None
+    pooling: str = "model"

