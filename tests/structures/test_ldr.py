@@ -65,3 +65,33 @@ def test_skew_convolution_is_as_short_as_the_input_allows_and_still_exact(m, n):
     assert module._skew_length() == fast_fft_length(size + n - 1)
     assert module._skew_length() < 2 * size or n == size
     assert_matches_dense(module, torch.randn(3, n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize(("m", "n"), [(9, 9), (13, 6), (6, 13)])
+@pytest.mark.parametrize("needs", ["x", "parameters", "both"])
+def test_the_fused_apply_equals_the_dense_form_for_each_gradient_asked(rank, m, n, needs):
+    """LowDisplacementApply computes only the gradients asked for (input only: frozen adapters; parameters only: the
+    first layer's input), each equal to the dense form's in float64, with leading batch dimensions."""
+    torch.manual_seed(rank)
+    module = surm.structure("ldr", m, n, displacement_rank=rank, init="random").double()
+    module.requires_grad_(needs != "x")
+    x = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=needs != "parameters")
+    seed = torch.randn(2, 3, m, dtype=torch.float64)
+    dense = module.dense()
+    expected = x @ dense.T
+    leaves = [t for t in (x, *module.parameters()) if t.requires_grad]
+    got = torch.autograd.grad(module(x), leaves, seed)
+    want = torch.autograd.grad(expected, leaves, seed)
+    torch.testing.assert_close(module(x), expected, rtol=1e-10, atol=1e-10)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_a_second_derivative_is_refused_rather_than_wrong():
+    """The backward keeps the folded terms' spectra, which a second derivative would have to differentiate too."""
+    module = surm.structure("ldr", 8, 8, init="random").double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad.sum(), module.skew_columns)

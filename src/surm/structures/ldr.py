@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+from torch.autograd.function import once_differentiable
 
-from ._fft import (
-    circular_convolution,
-    circular_convolution_work,
-    convolve_spectrum,
-    fast_fft_length,
-    toeplitz_dense,
-)
-from ._reuse import ParameterCache, reusable
+from ._fft import circular_convolution, circular_convolution_work, fast_fft_length, fft_work, toeplitz_dense
+from ._reuse import ParameterCache, records_gradient, reusable
 from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute_dtype, declared_options, operator_calls
 from .options import Option, require_size_option
 
@@ -34,6 +27,97 @@ def skew_circulant_dense(column: Tensor) -> Tensor:
     j = torch.arange(size, device=column.device).unsqueeze(0)
     sign = torch.where(i >= j, 1.0, -1.0).to(column.dtype)
     return column[..., (i - j) % size] * sign
+
+
+def _kernel_spectra(skew: Tensor, circulant: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """(rfft(s_i, L), rfft(c_i, N)) of the (r, N) skew-circulant and circulant columns."""
+    return torch.fft.rfft(skew, n=length), torch.fft.rfft(circulant, n=circulant.shape[-1])
+
+
+def _fold(linear: Tensor, size: int) -> Tensor:
+    """z[..., :N] - z[..., N:2N] of a length-L linear convolution z (entries past L are zero): Z_{-1}(s) x."""
+    folded = linear[..., :size].clone()
+    width = min(size, linear.shape[-1] - size)
+    folded[..., :width] -= linear[..., size : size + width]
+    return folded
+
+
+def _unfold(grad: Tensor, length: int) -> Tensor:
+    """The adjoint of :func:`_fold` (g on z[:N], -g on z[N:2N], cut to L; rfft zero-pads the rest)."""
+    width = min(grad.shape[-1], length - grad.shape[-1])
+    return torch.cat([grad, -grad[..., :width]], dim=-1)
+
+
+def _apply(skew_hat: Tensor, circulant_hat: Tensor, x: Tensor, out_features: int, length: int,
+           size: int) -> tuple[Tensor, Tensor]:
+    """(y, the folded terms' spectra U_i) of M x from the kernels' spectra; y has ``out_features`` entries.
+
+    Per row: X = rfft(x, L); u_i = fold(irfft(S_i X, L)); U_i = rfft(u_i, N); y = irfft(sum_i C_i U_i, N)[:m]:
+    2 + 2r real transforms (the terms summed on their spectra, before the one inverse). An empty batch gives empty
+    results without a transform (the FFT libraries refuse zero-size inputs).
+    """
+    rank = skew_hat.shape[0]
+    if x.numel() == 0:
+        return (x.new_zeros((*x.shape[:-1], out_features)),
+                x.new_zeros((*x.shape[:-1], rank, size // 2 + 1), dtype=circulant_hat.dtype))
+    linear = torch.fft.irfft(skew_hat * torch.fft.rfft(x, n=length).unsqueeze(-2), n=length)  # (..., r, L)
+    folded_hat = torch.fft.rfft(_fold(linear, size), n=size)  # (..., r, N // 2 + 1)
+    products = circulant_hat * folded_hat
+    y = torch.fft.irfft(products.squeeze(-2) if rank == 1 else products.sum(dim=-2), n=size)
+    return (y if out_features == size else y[..., :out_features]), folded_hat
+
+
+class LowDisplacementApply(torch.autograd.Function):
+    """y = [sum_i circ_N(c_i) fold(s_i * x)][..., :m] with a backward that keeps the folded terms' spectra.
+
+    Forward: :func:`_apply` (2 + 2r real transforms per row); it saves x (often shared with other adapters of the same
+    input), the kernels and U_i = rfft(u_i, N), the size of the u_i it replaces. Backward, with G = rfft(grad, N) and
+    W_i = rfft(unfold(irfft(conj(C_i) G, N)), L):
+    grad_c_i = irfft(sum_rows conj(U_i) G, N), grad_s_i = irfft(sum_rows conj(X) W_i, L)[:N] (X = rfft(x, L)
+    recomputed), grad_x = irfft(sum_i conj(S_i) W_i, L)[:n]: 3 + 2r transforms per row (the two chained circular
+    convolutions' own backwards take 5r + 1). Exact (real correlations), so equal to plain autograd to rounding; not
+    differentiable twice (``once_differentiable``: a double backward raises rather than dropping U_i's terms).
+    """
+
+    @staticmethod
+    def forward(ctx, skew: Tensor, circulant: Tensor, x: Tensor, out_features: int,  # type: ignore[override]
+                length: int) -> Tensor:
+        size = circulant.shape[-1]
+        skew_hat, circulant_hat = _kernel_spectra(skew, circulant, length)
+        y, folded_hat = _apply(skew_hat, circulant_hat, x, out_features, length, size)
+        ctx.save_for_backward(skew, circulant, x, folded_hat)
+        ctx.length = length
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        skew, circulant, x, folded_hat = ctx.saved_tensors
+        length, (rank, size) = ctx.length, circulant.shape
+        needs_skew, needs_circulant, needs_x = ctx.needs_input_grad[:3]
+        if grad.numel() == 0 or x.numel() == 0:
+            zeros = (torch.zeros_like(skew), torch.zeros_like(circulant), torch.zeros_like(x))
+            return (*(z if needed else None for z, needed in zip(zeros, (needs_skew, needs_circulant, needs_x))),
+                    None, None)
+        grad_hat = torch.fft.rfft(grad, n=size).unsqueeze(-2)  # (..., 1, N // 2 + 1)
+        grad_skew = grad_circulant = grad_x = None
+        if needs_circulant:
+            products = (folded_hat.conj() * grad_hat).reshape(-1, rank, size // 2 + 1).sum(dim=0)
+            grad_circulant = torch.fft.irfft(products, n=size)
+        if needs_skew or needs_x:
+            circulant_hat = torch.fft.rfft(circulant, n=size)
+            grad_folded = torch.fft.irfft(circulant_hat.conj() * grad_hat, n=size)  # (..., r, N)
+            weights = torch.fft.rfft(_unfold(grad_folded, length), n=length)  # (..., r, L // 2 + 1)
+            if needs_skew:
+                x_hat = torch.fft.rfft(x, n=length).unsqueeze(-2).conj()
+                products = (x_hat * weights).reshape(-1, rank, length // 2 + 1).sum(dim=0)
+                grad_skew = torch.fft.irfft(products, n=length)[..., :size]
+            if needs_x:
+                skew_hat = torch.fft.rfft(skew, n=length).conj()
+                products = skew_hat * weights
+                spectrum = products.squeeze(-2) if rank == 1 else products.sum(dim=-2)
+                grad_x = torch.fft.irfft(spectrum, n=length)[..., : x.shape[-1]]
+        return grad_skew, grad_circulant, grad_x, None, None
 
 
 class LowDisplacementRank(StructuredMatrix):
@@ -97,30 +181,22 @@ class LowDisplacementRank(StructuredMatrix):
     def forward(self, x: Tensor) -> Tensor:
         """y = sum_i circ_N(c_i) fold(s_i * x), the fold z[:N] - z[N:2N] of the linear convolution s_i * x.
 
-        The kernels' spectra (rfft(s_i, L), rfft(c_i, N)) are reused across calls that record no gradient.
+        Recording a gradient: :class:`LowDisplacementApply`. Otherwise the same values from the kernels' spectra
+        (rfft(s_i, L), rfft(c_i, N)), which are reused across calls that record no gradient.
         """
         self._check_input(x)
-        size, length = self.size, self._skew_length()
         dtype = compute_dtype(x, self.circulant_columns)
-        h = cast(x, dtype).unsqueeze(-2)
-        params = (self.skew_columns, self.circulant_columns)
-        if reusable(x, params, self.training):
-            skew_hat, circulant_hat = self._spectra.get(params, dtype, lambda: (
-                torch.fft.rfft(cast(self.skew_columns, dtype), n=length),
-                torch.fft.rfft(cast(self.circulant_columns, dtype), n=size),
-            ))
-            by_skew = functools.partial(convolve_spectrum, skew_hat)
-            by_circulant = functools.partial(convolve_spectrum, circulant_hat)
+        h = cast(x, dtype)
+        skew, circulant = cast(self.skew_columns, dtype), cast(self.circulant_columns, dtype)
+        length = self._skew_length()
+        if records_gradient(skew, circulant, h):
+            y = LowDisplacementApply.apply(skew, circulant, h, self.out_features, length)
         else:
-            by_skew = functools.partial(circular_convolution, cast(self.skew_columns, dtype))
-            by_circulant = functools.partial(circular_convolution, cast(self.circulant_columns, dtype))
-        linear = by_skew(h, length)  # (..., r, L); entries from N + n - 1 on are zero
-        wrapped = linear[..., size : 2 * size]
-        if wrapped.shape[-1] < size:  # L < 2N: the entries past L are zero
-            wrapped = F.pad(wrapped, (0, size - wrapped.shape[-1]))
-        skewed = linear[..., :size] - wrapped  # Z_{-1}(s_i) x, (..., r, N)
-        y = by_circulant(skewed, size).sum(dim=-2)
-        return cast(y if y.shape[-1] == self.out_features else y[..., : self.out_features], x.dtype)
+            params = (self.skew_columns, self.circulant_columns)
+            spectra = (self._spectra.get(params, dtype, lambda: _kernel_spectra(skew, circulant, length))
+                       if reusable(x, params, self.training) else _kernel_spectra(skew, circulant, length))
+            y = _apply(*spectra, h, self.out_features, length, self.size)[0]
+        return cast(y, x.dtype)
 
     def square_dense(self) -> Tensor:
         """The N x N matrix sum_i Z_1(c_i) Z_{-1}(s_i) before truncation to (m, n).
@@ -145,13 +221,18 @@ class LowDisplacementRank(StructuredMatrix):
         return 2 * self.displacement_rank * self.size
 
     def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
-        rows = tokens * self.displacement_rank
-        skew_fft, skew_elementwise = circular_convolution_work(rows, self._skew_length(), backward)
-        circ_fft, circ_elementwise = circular_convolution_work(rows, self.size, backward)
-        folds = (2 if backward else 1) * 2 * rows * self.size  # the sign fold and the sum over r
-        work = Cost(fft=skew_fft + circ_fft, elementwise=skew_elementwise + circ_elementwise + folds)
-        # Reused: the kernels' two transforms (and their casts) are kept; two convolutions, the fold and the sum stay.
-        return work + (operator_calls(9, 0, False) if reused else operator_calls(13, 26, backward))
+        """:class:`LowDisplacementApply`'s transforms per row: 2 + 2r forward, 3 + 2r more in backward."""
+        rank, size, length = self.displacement_rank, self.size, self._skew_length()
+        long, short = tokens * fft_work(length), tokens * fft_work(size)
+        fft = (1 + rank) * (long + short)
+        spectra = 2 * tokens * rank * (length // 2 + 1 + size // 2 + 1)  # one complex product each, in reals
+        elementwise = spectra + 2 * tokens * rank * size  # the fold
+        if backward:
+            fft += (2 + rank) * long + (1 + rank) * short
+            elementwise += 2 * spectra + 2 * tokens * rank * size  # four products, the unfold
+        # Reused: the kernels' two transforms (and their casts) are kept.
+        return Cost(fft=fft, elementwise=elementwise) + (operator_calls(10, 0, False) if reused
+                                                         else operator_calls(13, 26, backward))
 
     def dense_cost(self, backward: bool) -> Cost:
         fft, elementwise = circular_convolution_work(self.displacement_rank * self.size, self.size, backward)
