@@ -118,17 +118,6 @@ def test_a_malformed_declaration_is_refused_naming_the_file(tmp_path, modules, c
         declared_pooling(folder)
 
 
-def test_a_pooling_config_linked_from_outside_the_model_is_refused(tmp_path):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "config.json").write_text(json.dumps({**MODES, "pooling_mode_mean_tokens": True}))
-    folder = sentence_transformers_folder(tmp_path / "m", [TRANSFORMER, POOLING])
-    (tmp_path / "m" / "1_Pooling").symlink_to(outside, target_is_directory=True)
-    with pytest.raises(ValueError, match=r"^1_Pooling/config.json of model '.*' resolves to .*, outside the model's "
-                                         r"folder$"):
-        declared_pooling(folder)
-
-
 def test_unknown_pooling_is_refused_before_any_model_is_read():
     with pytest.raises(ValueError, match=r"^pooling 'max' is not one of auto, model, mean$"):
         load_text_classifier("no-such/model", num_labels=2, pooling="max")

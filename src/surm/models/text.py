@@ -102,17 +102,12 @@ def _read_json(source: str, filename: str) -> Any:
     """The parsed ``filename`` of a local folder or hub model, or None where the checkpoint has no such file.
 
     Raises:
-        ValueError: if the file is not valid UTF-8 JSON, or if in a local folder it resolves (through a link) to a
-            file outside that folder.
+        ValueError: if the file is not valid UTF-8 JSON.
     """
     path = cached_file(source, filename, _raise_exceptions_for_missing_entries=False,
                        _raise_exceptions_for_connection_errors=False)
     if path is None:
         return None
-    root = Path(source)
-    if root.is_dir() and not Path(path).resolve().is_relative_to(root.resolve()):
-        raise ValueError(f"{filename} of model {source!r} resolves to {Path(path).resolve()}, outside the model's "
-                         "folder")
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
