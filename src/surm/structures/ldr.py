@@ -48,6 +48,11 @@ def _unfold(grad: Tensor, length: int) -> Tensor:
     return torch.cat([grad, -grad[..., :width]], dim=-1)
 
 
+def _sum_terms(products: Tensor) -> Tensor:
+    """The sum over the r terms (dimension -2) of per-term spectra (..., r, F); a view for r = 1."""
+    return products.squeeze(-2) if products.shape[-2] == 1 else products.sum(dim=-2)
+
+
 def _apply(skew_hat: Tensor, circulant_hat: Tensor, x: Tensor, out_features: int, length: int,
            size: int) -> tuple[Tensor, Tensor]:
     """(y, the folded terms' spectra U_i) of M x from the kernels' spectra; y has ``out_features`` entries.
@@ -62,8 +67,7 @@ def _apply(skew_hat: Tensor, circulant_hat: Tensor, x: Tensor, out_features: int
                 x.new_zeros((*x.shape[:-1], rank, size // 2 + 1), dtype=circulant_hat.dtype))
     linear = torch.fft.irfft(skew_hat * torch.fft.rfft(x, n=length).unsqueeze(-2), n=length)  # (..., r, L)
     folded_hat = torch.fft.rfft(_fold(linear, size), n=size)  # (..., r, N // 2 + 1)
-    products = circulant_hat * folded_hat
-    y = torch.fft.irfft(products.squeeze(-2) if rank == 1 else products.sum(dim=-2), n=size)
+    y = torch.fft.irfft(_sum_terms(circulant_hat * folded_hat), n=size)
     return (y if out_features == size else y[..., :out_features]), folded_hat
 
 
@@ -102,7 +106,7 @@ class LowDisplacementApply(torch.autograd.Function):
         grad_hat = torch.fft.rfft(grad, n=size).unsqueeze(-2)  # (..., 1, N // 2 + 1)
         grad_skew = grad_circulant = grad_x = None
         if needs_circulant:
-            products = (folded_hat.conj() * grad_hat).reshape(-1, rank, size // 2 + 1).sum(dim=0)
+            products = (folded_hat.conj() * grad_hat).sum_to_size(rank, size // 2 + 1)
             grad_circulant = torch.fft.irfft(products, n=size)
         if needs_skew or needs_x:
             circulant_hat = torch.fft.rfft(circulant, n=size)
@@ -110,13 +114,11 @@ class LowDisplacementApply(torch.autograd.Function):
             weights = torch.fft.rfft(_unfold(grad_folded, length), n=length)  # (..., r, L // 2 + 1)
             if needs_skew:
                 x_hat = torch.fft.rfft(x, n=length).unsqueeze(-2).conj()
-                products = (x_hat * weights).reshape(-1, rank, length // 2 + 1).sum(dim=0)
+                products = (x_hat * weights).sum_to_size(rank, length // 2 + 1)
                 grad_skew = torch.fft.irfft(products, n=length)[..., :size]
             if needs_x:
                 skew_hat = torch.fft.rfft(skew, n=length).conj()
-                products = skew_hat * weights
-                spectrum = products.squeeze(-2) if rank == 1 else products.sum(dim=-2)
-                grad_x = torch.fft.irfft(spectrum, n=length)[..., : x.shape[-1]]
+                grad_x = torch.fft.irfft(_sum_terms(skew_hat * weights), n=length)[..., : x.shape[-1]]
         return grad_skew, grad_circulant, grad_x, None, None
 
 
