@@ -42,6 +42,9 @@ class RunSettings:
     head_lr: float = _setting(HEAD_LEARNING_RATE, "learning rate of the classifier head")
     weight_decay: float = _setting(0.0, "AdamW's decoupled weight decay")
     warmup_ratio: float = _setting(0.06, "fraction of the steps with a linear warm-up of the learning rate")
+    max_grad_norm: Optional[float] = _setting(None, "clip the global L2 norm of the trainable parameters' gradients "
+                                              "to this value before each step (Transformers' Trainer clips at 1.0); "
+                                              "default: no clipping")
     max_length: int = _setting(64, "tokens per text (longer texts are truncated)")
     pooling: str = _setting(DEFAULT_POOLING, f"text models: how token states reach the head, one of "
                             f"{', '.join(TEXT_POOLINGS)} (the checkpoint's declared pooling, e.g. a sentence-transformers "
@@ -76,6 +79,8 @@ class RunSettings:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not (is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.max_grad_norm is not None and not (is_finite_number(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {self.max_grad_norm!r}")
         if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")

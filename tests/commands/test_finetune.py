@@ -434,6 +434,22 @@ def test_mean_pooling_trains_the_recommendation_and_the_saved_adapter_reproduces
     assert loss == pytest.approx(results["test_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_max_grad_norm_clips_the_global_gradient_norm_before_the_step(tmp_path, max_grad_norm):
+    """With --max-grad-norm the step's gradients (adapter and head together) have at most that L2 norm; without it
+    the same batch's are far larger, so the clip is what bounds them."""
+    settings = RunSettings(train_size=32, eval_size=16, batch_size=16, max_length=16, max_grad_norm=max_grad_norm)
+    run = Run(RunConfig(MethodChoice("circulant"), tmp_path / "run", settings))
+    run._step(run.model, np.arange(16), run.optimizer, run.scheduler)
+    gradients = [p.grad for p in run._trainable_parameters().values()]
+    assert all(g is not None for g in gradients)
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients])))
+    if max_grad_norm is None:
+        assert norm > 1e-2
+    else:
+        assert norm == pytest.approx(max_grad_norm, rel=1e-4)
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--structure", "lora"], "--structure"),
     (["--mode", "delta"], "--mode"),

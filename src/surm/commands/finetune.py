@@ -564,6 +564,9 @@ class Run:
         loss_sum = nn.functional.cross_entropy(logits, target, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
         (loss_sum * topology.world_size / len(indices)).backward()
+        if self.settings.max_grad_norm is not None:  # after DDP's all-reduce: every process clips the same gradient
+            nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                     self.settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         return float(loss_sum.detach()) / len(share)
