@@ -166,12 +166,12 @@ def dispatched_calls(module: nn.Module, x: torch.Tensor, backward: bool) -> int:
 
 @pytest.mark.parametrize(("name", "options"), FAMILY_CASES, ids=[case_id(c) for c in FAMILY_CASES])
 @pytest.mark.parametrize("tokens", [4, 256])  # Monarch switches to its factor form from 64 tokens
-def test_declared_operator_calls_match_the_operators_dispatched(name, options, tokens):
+@pytest.mark.parametrize(("m", "n"), [(24, 36), (156, 120)])  # wide and tall, N = 36 and 12 x 13
+def test_declared_operator_calls_match_the_operators_dispatched(name, options, tokens, m, n):
     """Cost.calls of each path (inside a SurmLayer, folded, and in a standalone DeltaUpdate) within 2 operators or
     25 % of what PyTorch dispatches, views aside: the cost model's fixed cost per call counts real calls. Training
     (forward and backward), inference in train mode (nothing reused) and in eval mode (the family's cached values
     reused, as in generation)."""
-    m, n = 24, 36
     x = torch.randn(tokens, n)
     for path in PATHS:
         torch.manual_seed(0)

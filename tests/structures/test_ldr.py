@@ -45,7 +45,30 @@ def test_skew_circulant_commutes_with_its_shift_and_flips_sign_above_the_diagona
     assert torch.equal(skew[1:, 1], s[:-1])
 
 
-@pytest.mark.parametrize(("m", "n"), [(5, 9), (10, 6)])
+def explicit_dense(module) -> torch.Tensor:
+    """sum_i circ(c_i) Z_{-1}(s_i) written out (the circulant by its indices), cut to (m, n)."""
+    size = module.size
+    index = (torch.arange(size).unsqueeze(1) - torch.arange(size).unsqueeze(0)) % size
+    total = sum(c[index] @ skew_circulant_dense(s) for c, s in zip(module.circulant_columns, module.skew_columns))
+    return total[: module.out_features, : module.in_features]
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize(("m", "n"), [(12, 12), (13, 13), (13, 6), (6, 13), (43, 20), (20, 43), (688, 256)])
+def test_dense_form_and_fast_apply_equal_the_products_written_out(rank, m, n):
+    """dense() builds only the n columns of Z_{-1}(s_i) it needs (a tall M: n of N) and cuts Z_1(c_i)'s output to
+    m rows; it is sum_i Z_1(c_i) Z_{-1}(s_i) written out and cut to (m, n), and the fast apply equals it in values and
+    every gradient (float64; rows, one row, empty batches)."""
+    torch.manual_seed(rank)
+    module = surm.structure("ldr", m, n, displacement_rank=rank, init="random").double()
+    with torch.no_grad():
+        assert torch.allclose(module.dense(), explicit_dense(module), atol=1e-10)
+    for batch in ((3, n), (n,), (0, n), (2, 0, n)):
+        module.zero_grad()  # the check reads the gradients this call accumulates
+        assert_matches_dense(module, torch.randn(batch, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("m", "n"), [(5, 9), (10, 6), (13, 6)])
 def test_rectangular_is_the_top_left_block_of_the_square(m, n):
     torch.manual_seed(0)
     module = surm.structure("ldr", m, n, displacement_rank=2, init="random").double()

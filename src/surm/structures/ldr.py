@@ -200,24 +200,22 @@ class LowDisplacementRank(StructuredMatrix):
             y = _apply(*spectra, h, self.out_features, length, self.size)[0]
         return cast(y, x.dtype)
 
-    def square_dense(self) -> Tensor:
-        """The N x N matrix sum_i Z_1(c_i) Z_{-1}(s_i) before truncation to (m, n).
+    def dense(self) -> Tensor:
+        """The (m, n) block of sum_i Z_1(c_i) Z_{-1}(s_i).
 
-        Z_{-1}(s) is Toeplitz with t_k = s_k and t_{-k} = -s_{N-k}; Z_1(c) is applied to its columns by FFT
-        (O(r N^2 log N), not a dense N^3 product). Half-precision parameters are transformed in float32 (FFTs in
-        half precision run only at powers of two, and lose accuracy) and the result cast back, as in ``forward``.
+        Z_{-1}(s) is Toeplitz with t_k = s_k and t_{-k} = -s_{N-k}; only its first n columns are built, Z_1(c) is
+        applied to each by FFT (O(r n N log N), not a dense product) and the rows cut to m. Half-precision parameters
+        are transformed in float32 (FFTs in half precision run only at powers of two, and lose accuracy) and the
+        result cast back, as in ``forward``.
         """
-        size = self.size
+        size, cols = self.size, self.in_features
         dtype = compute_dtype(self.skew_columns, self.circulant_columns)
         skew, circulant = self.skew_columns.to(dtype), self.circulant_columns.to(dtype)
-        diagonals = torch.cat([-skew[:, 1:], skew], dim=-1)
-        skews = toeplitz_dense(diagonals, size, size)  # (r, N, N)
+        diagonals = torch.cat([-skew[:, 1:], skew], dim=-1)[:, size - cols :]  # t_{-(n-1)} .. t_{N-1}
+        skews = toeplitz_dense(diagonals, size, cols)  # (r, N, n)
         columns = circular_convolution(circulant.unsqueeze(-2), skews.transpose(-1, -2), size)
         # Row j of `columns` is Z_1(c_i) times column j of Z_{-1}(s_i).
-        return columns.sum(dim=0).T.to(self.skew_columns.dtype)
-
-    def dense(self) -> Tensor:
-        return self.square_dense()[: self.out_features, : self.in_features]
+        return columns[..., : self.out_features].sum(dim=0).T.to(self.skew_columns.dtype)
 
     def num_parameters(self) -> int:
         return 2 * self.displacement_rank * self.size
@@ -237,8 +235,10 @@ class LowDisplacementRank(StructuredMatrix):
                                                          else operator_calls(13, 26, backward))
 
     def dense_cost(self, backward: bool) -> Cost:
-        fft, elementwise = circular_convolution_work(self.displacement_rank * self.size, self.size, backward)
-        copies = (2 if backward else 1) * 2 * self.displacement_rank * self.size**2
+        """:meth:`dense`: one length-N convolution per column of the n built (copies of N x n numbers each way)."""
+        rank, size, cols = self.displacement_rank, self.size, self.in_features
+        fft, elementwise = circular_convolution_work(rank * cols, size, backward)
+        copies = (2 if backward else 1) * 2 * rank * size * cols
         return Cost(fft=fft, elementwise=elementwise + copies) + operator_calls(8, 16, backward)
 
     @classmethod
