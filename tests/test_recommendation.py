@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -17,9 +18,13 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 import surm
 from surm.models import minilm_path
+from surm.cli import config_method
+from surm.methods import MethodChoice, build_peft_config, recommended_method
 from surm.recommendation import RECIPES, model_roles, recommended_recipe
 
 from .runs import environment
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +109,8 @@ EVERY_ROLE = ["attention.self.query", "attention.self.value", "attention.output.
     (4_607, "circulant", {}, ["attention.self.query"], 1e-3),  # Fourier would get fewer than 384 per layer
     (2_304, "circulant", {}, ["attention.self.query"], 1e-3),
     (73_728, "monarch", {"nblocks": 16, "block_rank": 1}, EVERY_ROLE, 1e-2),
+    (59_904, "monarch", {"nblocks": 16, "block_rank": 1}, EVERY_ROLE, 1e-2),
+    (59_903, "monarch", {"nblocks": 16, "block_rank": 1}, EVERY_ROLE, 1e-2),
     (41_472, "monarch", {"nblocks": 16, "block_rank": 1}, EVERY_ROLE, 1e-2),
 ])
 def test_the_documented_recommendations(minilm, budget, structure, options, targets, lr):
@@ -113,6 +120,73 @@ def test_the_documented_recommendations(minilm, budget, structure, options, targ
     assert all(getattr(config, name) == value for name, value in options.items())
     recipe, ordered = recommended_recipe(minilm, budget)
     assert (recipe.family, recipe.options, ordered, recipe.lr) == (structure, options, targets, lr)
+
+
+ATTENTION = ["attention.self.query", "attention.self.value", "attention.output.dense", "attention.self.key"]
+
+
+@pytest.mark.parametrize("budget, attention_rank, params", [(73_728, 2, 59_904), (59_904, 2, 59_904),
+                                                            (59_903, 1, 41_472), (41_472, 1, 41_472)])
+def test_monarch_takes_block_rank_2_on_the_attention_roles_when_all_six_fit(minilm, budget, attention_rank, params):
+    """From 59,904 on MiniLM: 16 x 2 on q, k, v and the attention output, 16 x 1 on the MLP; every module of the
+    built adapter has the block rank of its role, and the adapter has exactly the parameters the table says."""
+    config = surm.recommend(minilm, budget)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    wrapped = peft.get_peft_model(model, config)
+    ranks = {name.removeprefix("base_model.model."): module.surm_delta["default"].matrix.block_rank
+             for name, module in wrapped.named_modules() if hasattr(module, "surm_delta")}
+    assert len(ranks) == 36
+    for name, rank in ranks.items():
+        assert rank == (attention_rank if any(name.endswith(role) for role in ATTENTION) else 1), name
+    assert adapter_parameters(AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2),
+                              config) == params
+
+
+def test_the_recommended_method_builds_the_same_adapter(minilm):
+    """``surm finetune --budget-params`` trains :func:`recommended_method`'s choice: at 73,728 the same per-role
+    block ranks and 59,904 parameters as ``surm.recommend``'s config, at the recipe's rate."""
+    choice, lr = recommended_method(minilm, 73_728)
+    assert (choice.name, choice.targets, lr) == ("monarch", EVERY_ROLE, 1e-2)
+    config = build_peft_config(choice, "SEQ_CLS", ["classifier"])
+    assert config.to_dict() == {**surm.recommend(minilm, 73_728).to_dict(), "task_type": "SEQ_CLS"}
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    assert adapter_parameters(model, config) == 59_904
+
+
+def block_ranks(config) -> dict[str, tuple[int, int]]:
+    """(nblocks, block rank) of every Monarch update of ``config`` on a fresh MiniLM, by module name."""
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    wrapped = peft.get_peft_model(model, config)
+    return {name: (module.surm_delta["default"].matrix.nblocks, module.surm_delta["default"].matrix.block_rank)
+            for name, module in wrapped.named_modules() if hasattr(module, "surm_delta")}
+
+
+def test_the_recommendation_at_lora_budget_is_the_measured_configuration():
+    """``--budget-params 73728`` builds, module by module, what docs/results/monarch_16x2_attention_config.json
+    (the file the comparisons ran with ``--config``) builds."""
+    name, mode, targets, options = config_method(DOCS / "results" / "monarch_16x2_attention_config.json", {})
+    measured = build_peft_config(MethodChoice(name, targets=targets, mode=mode, options=options), "SEQ_CLS",
+                                 ["classifier"])
+    minilm = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    choice, _ = recommended_method(minilm, 73_728)
+    shipped = build_peft_config(choice, "SEQ_CLS", ["classifier"])
+    assert block_ranks(shipped) == block_ranks(measured)
+    assert sorted(set(block_ranks(shipped).values())) == [(16, 1), (16, 2)]
+
+
+def test_the_attention_options_name_exactly_the_attention_targets():
+    """The override pattern is built from the chosen attention targets, escaped: it matches the attention output
+    (``attention.output.dense``) and not the MLP's ``output.dense``, and decoder names (``o_proj``) too."""
+    recipe = RECIPES[0]
+    pattern = next(iter(recipe.settings(EVERY_ROLE)["override_pattern"]))
+    config = surm.SurmConfig(structure="monarch", target_modules=EVERY_ROLE, **recipe.settings(EVERY_ROLE))
+    assert config.resolve("encoder.layer.0.attention.output.dense")["options"]["block_rank"] == 2
+    assert config.resolve("encoder.layer.0.output.dense")["options"]["block_rank"] == 1
+    assert config.resolve("encoder.layer.0.intermediate.dense")["options"]["block_rank"] == 1
+    assert "." not in pattern.replace("\\.", "")
+    decoder = ["q_proj", "v_proj", "o_proj", "k_proj", "up_proj", "down_proj"]
+    assert recipe.settings(decoder)["override_pattern"] == {"q_proj|v_proj|o_proj|k_proj": {"block_rank": 2}}
+    assert recipe.settings(["up_proj"]) == recipe.options
 
 
 def test_a_filling_recipe_spends_the_budget_evenly_on_its_roles(minilm):

@@ -143,7 +143,7 @@ def recommended_method(model: Any, budget_params: int) -> tuple[MethodChoice, fl
     """The method :func:`surm.recommend` builds for ``model`` and ``budget_params`` as a MethodChoice (its targets in
     the recommendation's priority order), and the recipe's learning rate."""
     recipe, targets = recommended_recipe(model, budget_params)
-    return MethodChoice(recipe.family, targets=targets, options=dict(recipe.options)), recipe.lr
+    return MethodChoice(recipe.family, targets=targets, options=recipe.settings(targets)), recipe.lr
 
 
 def default_targets(mode: str) -> list[str]:

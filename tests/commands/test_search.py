@@ -160,7 +160,7 @@ def test_parameter_counts_are_exact():
 def test_the_recommendation_is_the_first_trial_of_the_initial_design():
     """``surm.recommend``'s configuration for the budget starts the search when the space holds it: at 4,000
     circulant on the query (the space here holds that target set); at 7,372 Fourier with 614 frequencies per layer,
-    a count the space does not hold."""
+    a count the space does not hold; at 73,728 Monarch with a block rank per role, which the space does not hold."""
     settings = SearchSettings(output=Path("unused"), budget=4000, run=RunSettings(max_length=16),
                               delta_targets=("query", "query,value"))
     counter = ParameterCounter(settings)
@@ -175,7 +175,9 @@ def test_the_recommendation_is_the_first_trial_of_the_initial_design():
     for other in (replace(settings, families=("monarch", "lowrank")),
                   replace(settings, modes=("adapter",)),
                   replace(settings, delta_targets=("query,value", "value")),
-                  replace(settings, budget=7372)):
+                  replace(settings, budget=7372),
+                  replace(settings, budget=73728, delta_targets=(
+                      "query,key,value,attention.output.dense,intermediate.dense,output.dense",))):
         assert counter.recommended(other) is None  # the space lacks it: the design draws as before
 
 

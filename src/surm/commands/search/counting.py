@@ -65,15 +65,15 @@ class ParameterCounter:
 
     def recommended(self, settings: SearchSettings) -> Optional[Candidate]:
         """``surm.recommend``'s configuration for the budget as a candidate of the space, or None if the space lacks
-        it (delta mode or its family not searched, no target set adapting exactly its layers, an option value not
-        searched, or over the budget)."""
+        it (delta mode or its family not searched, per-role options, which the space does not hold, no target set
+        adapting exactly its layers, an option value not searched, or over the budget)."""
         if "delta" not in settings.modes:
             return None
         try:
             choice, _ = recommended_method(self.model, settings.budget)
         except ValueError:
             return None
-        if choice.name not in settings.families:
+        if choice.name not in settings.families or "override_pattern" in choice.options:
             return None
         wanted = self.adapted_modules("delta", ",".join(choice.targets or []))
         targets = next((t for t in settings.target_sets("delta") if self.adapted_modules("delta", t) == wanted), None)
