@@ -208,6 +208,19 @@ def test_decoder_recommendations_fit(build, budget):
     assert adapter_parameters(model, config) <= budget
 
 
+@pytest.mark.parametrize("build, attention", [(tiny_llama, ".self_attn."), (tiny_gpt2, ".attn.")])
+def test_decoder_attention_roles_get_block_rank_2(build, attention):
+    """On decoders the attention projections (Llama's q, k, v, o; GPT-2's fused c_attn and attn.c_proj) take rank 2
+    and the MLP's rank 1, GPT-2's mlp.c_proj included although it shares attn.c_proj's last name."""
+    model = build()
+    wrapped = peft.get_peft_model(model, surm.recommend(model, 50_000))
+    ranks = {name: module.surm_delta["default"].matrix.block_rank
+             for name, module in wrapped.named_modules() if hasattr(module, "surm_delta")}
+    assert ranks and {rank for name, rank in ranks.items() if attention in name} == {2}
+    assert {rank for name, rank in ranks.items() if ".mlp." in name} == {1}
+    assert len(ranks) == len([n for n in ranks if attention in n or ".mlp." in n])
+
+
 def test_the_recommendation_is_deterministic(minilm):
     """The same model and budget give the same config, here and in a fresh interpreter."""
     here = {budget: surm.recommend(minilm, budget).to_dict() for budget in (7_372, 73_728)}
