@@ -48,8 +48,19 @@ def tiny_gpt2():
 
 
 def adapter_parameters(model, config):
-    wrapped = peft.get_peft_model(model, config)
+    return surm_parameters(peft.get_peft_model(model, config))
+
+
+def surm_parameters(wrapped) -> int:
+    """Trainable adapter parameters of a model wrapped by PEFT (heads not counted)."""
     return sum(p.numel() for n, p in wrapped.named_parameters() if p.requires_grad and "surm_" in n)
+
+
+def monarch_shapes(wrapped) -> dict[str, tuple[int, int]]:
+    """(nblocks, block rank) of every Monarch delta update of a model wrapped by PEFT, by module name."""
+    return {name.removeprefix("base_model.model."): (module.surm_delta["default"].matrix.nblocks,
+                                                     module.surm_delta["default"].matrix.block_rank)
+            for name, module in wrapped.named_modules() if hasattr(module, "surm_delta")}
 
 
 def test_minilm_roles_in_priority_order(minilm):
@@ -130,16 +141,13 @@ ATTENTION = ["attention.self.query", "attention.self.value", "attention.output.d
 def test_monarch_takes_block_rank_2_on_the_attention_roles_when_all_six_fit(minilm, budget, attention_rank, params):
     """From 59,904 on MiniLM: 16 x 2 on q, k, v and the attention output, 16 x 1 on the MLP; every module of the
     built adapter has the block rank of its role, and the adapter has exactly the parameters the table says."""
-    config = surm.recommend(minilm, budget)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-    wrapped = peft.get_peft_model(model, config)
-    ranks = {name.removeprefix("base_model.model."): module.surm_delta["default"].matrix.block_rank
-             for name, module in wrapped.named_modules() if hasattr(module, "surm_delta")}
-    assert len(ranks) == 36
-    for name, rank in ranks.items():
+    wrapped = peft.get_peft_model(model, surm.recommend(minilm, budget))
+    shapes = monarch_shapes(wrapped)
+    assert len(shapes) == 36
+    for name, (_, rank) in shapes.items():
         assert rank == (attention_rank if any(name.endswith(role) for role in ATTENTION) else 1), name
-    assert adapter_parameters(AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2),
-                              config) == params
+    assert surm_parameters(wrapped) == params
 
 
 def test_the_recommended_method_builds_the_same_adapter(minilm):
@@ -153,25 +161,20 @@ def test_the_recommended_method_builds_the_same_adapter(minilm):
     assert adapter_parameters(model, config) == 59_904
 
 
-def block_ranks(config) -> dict[str, tuple[int, int]]:
-    """(nblocks, block rank) of every Monarch update of ``config`` on a fresh MiniLM, by module name."""
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-    wrapped = peft.get_peft_model(model, config)
-    return {name: (module.surm_delta["default"].matrix.nblocks, module.surm_delta["default"].matrix.block_rank)
-            for name, module in wrapped.named_modules() if hasattr(module, "surm_delta")}
-
-
-def test_the_recommendation_at_lora_budget_is_the_measured_configuration():
+def test_the_recommendation_at_lora_budget_is_the_measured_configuration(minilm):
     """``--budget-params 73728`` builds, module by module, what docs/results/monarch_16x2_attention_config.json
     (the file the comparisons ran with ``--config``) builds."""
     name, mode, targets, options = config_method(DOCS / "results" / "monarch_16x2_attention_config.json", {})
     measured = build_peft_config(MethodChoice(name, targets=targets, mode=mode, options=options), "SEQ_CLS",
                                  ["classifier"])
-    minilm = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     choice, _ = recommended_method(minilm, 73_728)
     shipped = build_peft_config(choice, "SEQ_CLS", ["classifier"])
-    assert block_ranks(shipped) == block_ranks(measured)
-    assert sorted(set(block_ranks(shipped).values())) == [(16, 1), (16, 2)]
+    shipped_shapes, measured_shapes = (
+        monarch_shapes(peft.get_peft_model(
+            AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2), config))
+        for config in (shipped, measured))
+    assert shipped_shapes == measured_shapes
+    assert sorted(set(shipped_shapes.values())) == [(16, 1), (16, 2)]
 
 
 def test_the_attention_options_name_exactly_the_attention_targets():
@@ -214,8 +217,7 @@ def test_decoder_attention_roles_get_block_rank_2(build, attention):
     and the MLP's rank 1, GPT-2's mlp.c_proj included although it shares attn.c_proj's last name."""
     model = build()
     wrapped = peft.get_peft_model(model, surm.recommend(model, 50_000))
-    ranks = {name: module.surm_delta["default"].matrix.block_rank
-             for name, module in wrapped.named_modules() if hasattr(module, "surm_delta")}
+    ranks = {name: rank for name, (_, rank) in monarch_shapes(wrapped).items()}
     assert ranks and {rank for name, rank in ranks.items() if attention in name} == {2}
     assert {rank for name, rank in ranks.items() if ".mlp." in name} == {1}
     assert len(ranks) == len([n for n in ranks if attention in n or ".mlp." in n])
