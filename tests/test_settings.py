@@ -24,6 +24,9 @@ from surm.settings import RunSettings, setting_defaults, setting_types
     ({"warmup_ratio": 1.0}, r"warmup_ratio must be in \[0, 1\), got 1.0"),
     ({"max_grad_norm": 0.0}, "max_grad_norm must be a positive number or None, got 0.0"),
     ({"max_grad_norm": float("nan")}, "max_grad_norm must be a positive number or None, got nan"),
+    ({"model_dropout": 1.0}, r"model_dropout must be in \[0, 1\) or None, got 1.0"),
+    ({"model_dropout": -0.1}, r"model_dropout must be in \[0, 1\) or None, got -0.1"),
+    ({"model_dropout": True}, r"model_dropout must be in \[0, 1\) or None, got True"),
     ({"device": "gpu"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
     ({"device": "cuda:x"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
     ({"model": ""}, "model must be a non-empty string, got ''"),
@@ -44,7 +47,8 @@ def test_flags_give_back_the_same_settings():
     """to_flags (what compare passes to its runs) parsed by the command line is the same settings object."""
     settings = RunSettings(model="minilm", dataset="trec", text_pair_column="b", epochs=5, batch_size=8, lr=3e-4,
                            head_lr=2e-3, weight_decay=0.01, warmup_ratio=0.1, max_length=32, train_size=100,
-                           eval_size=50, device="cpu", seed=4, pooling="mean", max_grad_norm=1.0)
+                           eval_size=50, device="cpu", seed=4, pooling="mean", max_grad_norm=1.0,
+                           model_dropout=0.0)
     args = build_parser().parse_args(["finetune", "--output", "x", *settings.to_flags()])
     assert settings_from_args(args) == settings
     assert RunSettings().to_flags() == []

@@ -45,6 +45,10 @@ class RunSettings:
     max_grad_norm: Optional[float] = _setting(None, "clip the global L2 norm of the trainable parameters' gradients "
                                               "to this value before each step (Transformers' Trainer clips at 1.0); "
                                               "default: no clipping")
+    model_dropout: Optional[float] = _setting(None, "dropout probability of the model and its head, replacing every "
+                                              "dropout of the checkpoint (attention, hidden, head; the image "
+                                              "model's drop-connect rate); 0 turns them off; default: the "
+                                              "checkpoint's own")
     max_length: int = _setting(64, "tokens per text (longer texts are truncated)")
     pooling: str = _setting(DEFAULT_POOLING, f"text models: how token states reach the head, one of "
                             f"{', '.join(TEXT_POOLINGS)} (the checkpoint's declared pooling, e.g. a sentence-transformers "
@@ -81,6 +85,8 @@ class RunSettings:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.max_grad_norm is not None and not (is_finite_number(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {self.max_grad_norm!r}")
+        if self.model_dropout is not None and not (is_number(self.model_dropout) and 0 <= self.model_dropout < 1):
+            raise ValueError(f"model_dropout must be in [0, 1) or None, got {self.model_dropout!r}")
         if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")

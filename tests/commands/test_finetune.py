@@ -8,6 +8,7 @@ import os
 import signal
 import stat
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -448,6 +449,17 @@ def test_max_grad_norm_clips_the_global_gradient_norm_before_the_step(tmp_path, 
         assert norm > 1e-2
     else:
         assert norm == pytest.approx(max_grad_norm, rel=1e-4)
+
+
+def test_model_dropout_reaches_every_dropout_of_the_run_model(tmp_path):
+    """--model-dropout 0 turns off the checkpoint's dropouts in the model the run trains (the adapters' own dropout,
+    a method option, is not a model dropout: 0 by default here)."""
+    settings = RunSettings(train_size=32, eval_size=16, batch_size=16, max_length=16, model_dropout=0.0)
+    run = Run(RunConfig(MethodChoice("circulant"), tmp_path / "run", settings))
+    dropouts = [m for m in run.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.0 for m in dropouts)
+    default = Run(RunConfig(MethodChoice("circulant"), tmp_path / "default", replace(settings, model_dropout=None)))
+    assert {m.p for m in default.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -127,3 +127,28 @@ def test_image_models_refuse_a_text_pooling():
     with pytest.raises(ValueError, match="pooling 'mean' applies to text models"):
         load_model("efficientnet-lite0", load_dataset("digits"), pooling="mean")
     assert load_model("efficientnet-lite0", load_dataset("digits")).pooling == "model"  # auto: the feature-map mean
+
+
+def _train_mode_logits(loaded, seed):
+    batch = loaded.collate(examples(SHORT, LONG))
+    batch.pop("labels")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        output = loaded.model.train()(**batch)
+    return getattr(output, "logits", output)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "model"])
+def test_dropout_replaces_every_dropout_of_the_checkpoint_and_the_head(pooling):
+    """dropout=0 zeroes the config's probabilities and every dropout layer, so a training-mode forward is
+    deterministic; the checkpoint's own (0.1) draws different masks under different seeds."""
+    plain = load_text_classifier("minilm", num_labels=2, max_length=16, pooling=pooling)
+    assert not torch.equal(_train_mode_logits(plain, 0), _train_mode_logits(plain, 1))
+    loaded = load_text_classifier("minilm", num_labels=2, max_length=16, pooling=pooling, dropout=0.0)
+    config = loaded.model.config if pooling == "model" else loaded.model.encoder.config
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.0
+    dropouts = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) > 12 and all(m.p == 0.0 for m in dropouts)
+    assert torch.equal(_train_mode_logits(loaded, 0), _train_mode_logits(loaded, 1))
+    half = load_text_classifier("minilm", num_labels=2, max_length=16, pooling=pooling, dropout=0.3)
+    assert {m.p for m in half.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}

@@ -146,3 +146,21 @@ def test_finetune_end_to_end(tmp_path):
     assert 0.0 <= results["test_accuracy"] <= 1.0
     assert 0 < results["trainable_params"] < results["total_params"] / 10
     assert (tmp_path / "out" / "adapter").is_dir()
+
+
+def test_dropout_replaces_the_head_dropout_and_the_drop_connect_rate(digits):
+    """dropout=0: the head's dropout and the backbone's stochastic depth are off, so a training-mode forward is
+    deterministic; the network's own (0.2 each) are kept without it."""
+    x = load_model("efficientnet-lite0", digits).collate(digits.train[:4])["pixel_values"]
+
+    def logits(model, seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model.train()(x)
+
+    plain = load_model("efficientnet-lite0", digits).model
+    assert plain.dropout.p == plain.backbone._global_params.drop_connect_rate == 0.2
+    assert not torch.equal(logits(plain, 0), logits(plain, 1))
+    model = load_model("efficientnet-lite0", digits, dropout=0.0).model
+    assert model.dropout.p == model.backbone._global_params.drop_connect_rate == 0.0
+    assert torch.equal(logits(model, 0), logits(model, 1))

@@ -313,7 +313,8 @@ class Run:
         self.test_examples = (subset(self.data.test, settings.eval_size, settings.seed) if config.evaluate_test
                               else [])
         torch.manual_seed(settings.seed)  # the classifier head and adapter inits depend on the seed only
-        self.loaded: LoadedModel = load_model(settings.model, self.data, settings.max_length, settings.pooling)
+        self.loaded: LoadedModel = load_model(settings.model, self.data, settings.max_length, settings.pooling,
+                                              settings.model_dropout)
         if config.budget_params is not None:  # the recommended method, at its recipe's rate unless --lr is given
             config.method, rate = recommended_method(self.loaded.model, config.budget_params)
             if settings.lr is None:

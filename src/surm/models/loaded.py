@@ -11,6 +11,14 @@ from torch import Tensor, nn
 Collate = Callable[[Sequence[Any]], dict[str, Tensor]]
 
 
+def set_dropout(model: nn.Module, probability: float) -> None:
+    """Set every dropout layer of ``model`` (each ``nn.Dropout``: Transformers' attention and hidden dropouts read
+    theirs at call time, a head's too) to ``probability``."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = probability
+
+
 @dataclass
 class LoadedModel:
     """A classifier ready for PEFT.

@@ -17,7 +17,7 @@ from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
 from ..data import TextExample
-from .loaded import Collate, LoadedModel
+from .loaded import Collate, LoadedModel, set_dropout
 
 #: Models that ship with surm's dependencies: name -> how to find the local folder.
 TEXT_MODEL_ALIASES = ("minilm",)
@@ -168,6 +168,13 @@ def head_dropout(config: Any) -> float:
     return 0.1
 
 
+def is_dropout_setting(name: str, value: Any) -> bool:
+    """Whether a model config's entry is a dropout probability: a number named ``*dropout*`` (BERT's
+    ``hidden_dropout_prob``, Llama's ``attention_dropout``) or ``*_pdrop`` (GPT-2's ``attn_pdrop``)."""
+    return (("dropout" in name or name.endswith("_pdrop")) and isinstance(value, (int, float))
+            and not isinstance(value, bool))
+
+
 def check_pooling(pooling: str) -> None:
     """Refuse an unknown pooling with the valid ones, before any model is read."""
     if pooling not in TEXT_POOLINGS:
@@ -175,13 +182,15 @@ def check_pooling(pooling: str) -> None:
 
 
 def load_text_classifier(name: str, num_labels: int, max_length: int = 64,
-                         pooling: str = DEFAULT_POOLING) -> LoadedModel:
+                         pooling: str = DEFAULT_POOLING, dropout: Optional[float] = None) -> LoadedModel:
     """A sequence classifier with a fresh head of ``num_labels`` classes, and a collate function for its tokenizer.
 
     ``pooling`` is one of :data:`TEXT_POOLINGS`: ``model`` loads the Transformers sequence classifier (PEFT task type
     ``SEQ_CLS``); ``mean`` wraps the bare encoder in a :class:`MeanPooledClassifier` (a plain module for PEFT, its
     ``classifier`` trained and saved beside the adapters); ``auto`` takes the checkpoint's :func:`declared_pooling`.
-    The result's ``pooling`` is the one used (never ``auto``).
+    The result's ``pooling`` is the one used (never ``auto``). ``dropout``, where given, replaces every dropout
+    probability of the model's config (:func:`is_dropout_setting`; the head's dropout follows it) and of its
+    dropout layers (:func:`~surm.models.loaded.set_dropout`); None keeps the checkpoint's.
 
     Raises:
         ValueError: for an unknown pooling, or if the model cannot be found locally and the hub is unreachable or
@@ -200,6 +209,10 @@ def load_text_classifier(name: str, num_labels: int, max_length: int = 64,
     hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+        if dropout is not None:
+            for key, value in config.to_dict().items():
+                if is_dropout_setting(key, value):
+                    setattr(config, key, dropout)
         check_max_length(name, config, max_length)  # before the weights are read
         tokenizer = AutoTokenizer.from_pretrained(source)
         if pooling == "auto":
@@ -216,6 +229,8 @@ def load_text_classifier(name: str, num_labels: int, max_length: int = 64,
         hf_logging.enable_progress_bar()
     # Transformers 5 loads in the checkpoint's dtype; training here is in float32 whatever the file holds.
     model = model.to(torch.float32)
+    if dropout is not None:
+        set_dropout(model, dropout)
     head = [n for n in ("classifier", "score") if hasattr(model, n)]
     task_type = None if pooling == "mean" else "SEQ_CLS"
     return LoadedModel(name, model, text_collate(tokenizer, max_length), task_type, head, source, pooling=pooling)

@@ -9,6 +9,7 @@ depthwise convolutions are not linear maps surm can structure and are never targ
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -132,8 +133,11 @@ def image_collate(image_size: int = IMAGE_SIZE) -> Collate:
     return collate
 
 
-def load_image_classifier(name: str, data: DatasetSplits) -> LoadedModel:
+def load_image_classifier(name: str, data: DatasetSplits, dropout: Optional[float] = None) -> LoadedModel:
     """The image classifier ``name`` with a fresh ``classifier`` head of ``data.num_labels`` classes.
+
+    ``dropout``, where given, replaces the head's dropout probability (0.2) and the backbone's drop-connect rate
+    (stochastic depth, 0.2 at the last block, scaled down towards the first); None keeps the network's.
 
     Raises:
         ValueError: if ``name`` is not one of :data:`IMAGE_MODELS` or its packages are missing.
@@ -145,7 +149,9 @@ def load_image_classifier(name: str, data: DatasetSplits) -> LoadedModel:
         )
     weights = efficientnet_lite0_weights()
     backbone = efficientnet_lite0_backbone(weights)
-    dropout = backbone._global_params.dropout_rate
-    model = ImageClassifier(backbone, backbone._bn1.num_features, data.num_labels, dropout)
+    if dropout is not None:
+        backbone._global_params = backbone._global_params._replace(drop_connect_rate=dropout)
+    head_dropout = backbone._global_params.dropout_rate if dropout is None else dropout
+    model = ImageClassifier(backbone, backbone._bn1.num_features, data.num_labels, head_dropout)
     return LoadedModel(name, model, image_collate(), None, ["classifier"], weights,
                        default_targets=list(VISION_DEFAULT_TARGETS))
