@@ -217,6 +217,18 @@ def test_config_takes_every_surmconfig_setting(tmp_path):
     assert any("outer_values" in k for k in keys if ".value." in k)  # the override made value Toeplitz
 
 
+def test_config_with_a_regex_target_adapts_exactly_the_layers_it_matches(tmp_path):
+    """A regex target_modules (PEFT's full match) reaches the run whole and names the method in the results."""
+    regex = r".*\.(attention\.self\.value|layer\.[12]\.attention\.self\.query)"
+    path = write_json(tmp_path / "adapter_config.json", {"peft_type": "SURM", "structure": "circulant",
+                                                          "target_modules": regex})
+    outcome = finetune_main(tmp_path / "run", *TINY, "--epochs", "1", "--config", str(path))
+    assert outcome.results["label"] == f"circulant on {regex}"
+    keys = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    adapted = {k.split(".surm_delta.")[0].split("encoder.encoder.layer.")[1] for k in keys if ".surm_delta." in k}
+    assert adapted == {f"{i}.attention.self.value" for i in range(6)} | {f"{i}.attention.self.query" for i in (1, 2)}
+
+
 # -- failures of the machine and the user, in a child process: one line, the right exit status ---------------------
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from peft import BOFTConfig, C3AConfig, FourierFTConfig, LoKrConfig, LoraConfig, PeftConfig, VeraConfig
 
@@ -118,7 +118,7 @@ class MethodChoice:
     """
 
     name: str
-    targets: Optional[list[str]] = None
+    targets: Optional[Union[list[str], str]] = None  # module names, or a regex (a --config file's target_modules)
     mode: str = "delta"
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -135,7 +135,8 @@ class MethodChoice:
         """A short name for tables: the method, its mode if not delta, its options, and its targets if given."""
         parts = [self.name] + ([self.mode] if self.mode != "delta" else [])
         parts += [f"{k}={v}" for k, v in sorted(self.options.items()) if v is not None]
-        parts += [f"on {','.join(self.targets)}"] if self.targets else []
+        if self.targets:
+            parts.append(f"on {self.targets if isinstance(self.targets, str) else ','.join(self.targets)}")
         return " ".join(parts)
 
 
