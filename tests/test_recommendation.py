@@ -115,8 +115,11 @@ EVERY_ROLE = ["attention.self.query", "attention.self.value", "attention.output.
 @pytest.mark.parametrize("budget, structure, options, targets, lr", [
     (7_372, "fourier", {"frequencies": 614}, QV, 3e-2),
     (4_608, "fourier", {"frequencies": 384}, QV, 3e-2),
-    (20_000, "fourier", {"frequencies": 1_666}, QV, 3e-2),
-    (41_471, "fourier", {"frequencies": 3_455}, QV, 3e-2),
+    (9_215, "fourier", {"frequencies": 767}, QV, 3e-2),
+    (9_216, "monarch", {"nblocks": 16, "block_rank": 1}, QV, 1e-2),
+    (14_745, "monarch", {"nblocks": 16, "block_rank": 1}, QV + ["attention.output.dense"], 1e-2),
+    (20_000, "monarch", {"nblocks": 16, "block_rank": 1}, QV + ["attention.output.dense", "attention.self.key"], 1e-2),
+    (41_471, "monarch", {"nblocks": 16, "block_rank": 1}, EVERY_ROLE[:5], 1e-2),
     (4_607, "circulant", {}, ["attention.self.query"], 1e-3),  # Fourier would get fewer than 384 per layer
     (2_304, "circulant", {}, ["attention.self.query"], 1e-3),
     (73_728, "monarch", {"nblocks": 16, "block_rank": 1}, EVERY_ROLE, 1e-2),
