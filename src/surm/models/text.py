@@ -17,6 +17,7 @@ from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
 from ..data import TextExample
+from ..validation import is_number
 from .loaded import Collate, LoadedModel, set_dropout
 
 #: Models that ship with surm's dependencies: name -> how to find the local folder.
@@ -171,8 +172,7 @@ def head_dropout(config: Any) -> float:
 def is_dropout_setting(name: str, value: Any) -> bool:
     """Whether a model config's entry is a dropout probability: a number named ``*dropout*`` (BERT's
     ``hidden_dropout_prob``, Llama's ``attention_dropout``) or ``*_pdrop`` (GPT-2's ``attn_pdrop``)."""
-    return (("dropout" in name or name.endswith("_pdrop")) and isinstance(value, (int, float))
-            and not isinstance(value, bool))
+    return ("dropout" in name or name.endswith("_pdrop")) and is_number(value)
 
 
 def check_pooling(pooling: str) -> None:
