@@ -66,7 +66,10 @@ class CircularConvolution(torch.autograd.Function):
     Backward, with G = rfft(grad): grad_x = irfft(G * conj(K))[..., :n] (the transpose of a circulant is the
     circulant of the reversed kernel: a correlation), grad_kernel = irfft(sum_batch G * conj(rfft(x)))[..., :k].
     Both are exact (real circular correlations), so this matches plain autograd to rounding; it is differentiable
-    again (double backward goes through the ops of ``backward``).
+    again (double backward goes through the ops of ``backward``). Without double backward (``create_graph`` off)
+    the two products overwrite the spectra backward has just made, rfft(x) and G, instead of allocating two more
+    (tokens x L/2+1) complex tensors: measured on a 5632 x 2048 Toeplitz layer at 256 tokens, about 1.4 of the
+    apply's 16-17 ms, and 0.02-0.05 x LoRA r=16's step of the TinyLlama stack (``docs/results/decoder_speed.md``).
 
     Zero-size operands (an empty batch, e.g. x of shape (0, n) or (2, 0, n)): the FFT libraries refuse them (MKL's
     "inconsistent configuration"), and the result is known without transforming anything, so forward returns zeros
@@ -97,16 +100,28 @@ class CircularConvolution(torch.autograd.Function):
             return grad_kernel, grad_x, None
         grad_hat = torch.fft.rfft(grad, n=length)
         grad_kernel = grad_x = None
-        if ctx.needs_input_grad[1]:
-            kernel_hat = torch.fft.rfft(kernel, n=length)
-            full = torch.fft.irfft(grad_hat * kernel_hat.conj(), n=length)[..., : x.shape[-1]]
-            grad_x = full.sum_to_size(x.shape) if full.shape != x.shape else full
+        # Without double backward (grad mode off here) the products overwrite the fresh spectra they read: two fewer
+        # (tokens x L/2+1) complex tensors allocated per call. The kernel's gradient goes first: it reads grad_hat.
+        in_place = not torch.is_grad_enabled()
         if ctx.needs_input_grad[0]:
-            products = grad_hat * torch.fft.rfft(x, n=length).conj()
+            x_hat = torch.fft.rfft(x, n=length)
+            if in_place and x_hat.shape == grad_hat.shape and x_hat.dtype == grad_hat.dtype:
+                products = torch.conj_physical_(x_hat).mul_(grad_hat)
+            else:
+                products = grad_hat * x_hat.conj()
             spectrum_shape = (*kernel.shape[:-1], length // 2 + 1)
             if products.shape != spectrum_shape:
                 products = products.sum_to_size(spectrum_shape)
             grad_kernel = torch.fft.irfft(products, n=length)[..., : kernel.shape[-1]]
+        if ctx.needs_input_grad[1]:
+            kernel_hat = torch.fft.rfft(kernel, n=length).conj()
+            if (in_place and torch.broadcast_shapes(grad_hat.shape, kernel_hat.shape) == grad_hat.shape
+                    and grad_hat.dtype == kernel_hat.dtype):
+                products = grad_hat.mul_(kernel_hat)
+            else:
+                products = grad_hat * kernel_hat
+            full = torch.fft.irfft(products, n=length)[..., : x.shape[-1]]
+            grad_x = full.sum_to_size(x.shape) if full.shape != x.shape else full
         return grad_kernel, grad_x, None
 
 
@@ -133,12 +148,17 @@ def convolve_spectrum(spectrum: Tensor, x: Tensor, length: int) -> Tensor:
 
     The same operations as the convolution's forward after its first FFT, so the values are identical; no autograd
     Function is involved (used when no gradient is recorded, with a spectrum kept across calls). An empty ``x``
-    gives zeros of the broadcast shape (..., L).
+    gives zeros of the broadcast shape (..., L). When nothing is recorded and the product has rfft(x)'s shape and
+    dtype, it is made in place in that fresh spectrum (the operands are left alone).
     """
     if x.numel() == 0:
         shape = torch.broadcast_shapes(spectrum.shape[:-1], x.shape[:-1])
         return x.new_zeros((*shape, length))
-    return torch.fft.irfft(spectrum * torch.fft.rfft(x, n=length), n=length)
+    x_hat = torch.fft.rfft(x, n=length)
+    if (not records_gradient(spectrum, x) and x_hat.dtype == spectrum.dtype
+            and torch.broadcast_shapes(x_hat.shape, spectrum.shape) == x_hat.shape):
+        return torch.fft.irfft(x_hat.mul_(spectrum), n=length)  # x_hat is this call's own: no fresh product
+    return torch.fft.irfft(spectrum * x_hat, n=length)
 
 
 def circular_convolution_work(tokens: int, length: int, backward: bool) -> tuple[float, float]:
