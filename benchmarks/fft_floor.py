@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from surm.atomic import write_text
-from surm.commands.decoder_bench import BLOCKS, LORA_LABEL, LORA_RANK, SHAPES, TRAIN_BATCH, VOCABULARY, decoder
+from surm.commands.decoder_bench import (BLOCKS, LORA_LABEL, LORA_RANK, SHAPES, TRAIN_BATCH, VOCABULARY, decoder,
+                                         training_step)
 from surm.commands.measure import iqr_ms, median_ms, time_interleaved
 from surm.peft import SurmConfig
 from surm.structures._fft import toeplitz_length
@@ -77,17 +78,9 @@ def least_work(shapes: Sequence[tuple[int, int]], length: Callable[[int, int], i
     return run
 
 
-def training_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
-    """Forward, backward and AdamW over ``model``'s trainable parameters."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def run() -> None:
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return run
+def adam_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """:func:`~surm.commands.decoder_bench.training_step` with AdamW over ``model``'s trainable parameters."""
+    return training_step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), ids)
 
 
 def measure(size: str, families: Sequence[str], warmup: int, repeats: int,
@@ -99,11 +92,11 @@ def measure(size: str, families: Sequence[str], warmup: int, repeats: int,
         r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM"))
     bare = copy.deepcopy(base).requires_grad_(False)
     bare.get_input_embeddings().weight.requires_grad_(True)
-    calls = {LORA_LABEL: training_step(lora, ids), NO_ADAPTER: training_step(bare, ids)}
+    calls = {LORA_LABEL: adam_step(lora, ids), NO_ADAPTER: adam_step(bare, ids)}
     for family in families:
         model = peft.get_peft_model(copy.deepcopy(base), SurmConfig(
             structure=family, target_modules="all-linear", task_type="CAUSAL_LM"))
-        calls[f"surm {family}, all-linear"] = training_step(model, ids)
+        calls[f"surm {family}, all-linear"] = adam_step(model, ids)
         calls[f"{family}'s least spectral work"] = least_work(linear_shapes(base), LENGTHS[family],
                                                               batch[0] * batch[1])
     return time_interleaved(calls, warmup, repeats)
