@@ -34,7 +34,7 @@ def test_transform_lengths_hold_the_product_without_wrapping(floor_script, out_f
     assert floor_script.LENGTHS["circulant"](out_features, in_features) == max(out_features, in_features)
 
 
-def test_the_floor_is_the_bare_step_plus_the_transforms(floor_script):
+def test_the_floor_is_the_bare_step_plus_the_least_spectral_work(floor_script):
     times = {LORA_LABEL: [0.100] * 3, floor_script.NO_ADAPTER: [0.080] * 3,
              "surm toeplitz, all-linear": [0.120] * 3, "toeplitz's least spectral work": [0.030] * 3}
     text = floor_script.report("TinyLlama", ["toeplitz"], times)
