@@ -105,21 +105,13 @@ class CircularConvolution(torch.autograd.Function):
         in_place = not torch.is_grad_enabled()
         if ctx.needs_input_grad[0]:
             x_hat = torch.fft.rfft(x, n=length)
-            if in_place and x_hat.shape == grad_hat.shape and x_hat.dtype == grad_hat.dtype:
-                products = torch.conj_physical_(x_hat).mul_(grad_hat)
-            else:
-                products = grad_hat * x_hat.conj()
+            products = _multiply(torch.conj_physical_(x_hat) if in_place else x_hat.conj(), grad_hat, in_place)
             spectrum_shape = (*kernel.shape[:-1], length // 2 + 1)
             if products.shape != spectrum_shape:
                 products = products.sum_to_size(spectrum_shape)
             grad_kernel = torch.fft.irfft(products, n=length)[..., : kernel.shape[-1]]
         if ctx.needs_input_grad[1]:
-            kernel_hat = torch.fft.rfft(kernel, n=length).conj()
-            if (in_place and torch.broadcast_shapes(grad_hat.shape, kernel_hat.shape) == grad_hat.shape
-                    and grad_hat.dtype == kernel_hat.dtype):
-                products = grad_hat.mul_(kernel_hat)
-            else:
-                products = grad_hat * kernel_hat
+            products = _multiply(grad_hat, torch.fft.rfft(kernel, n=length).conj(), in_place)
             full = torch.fft.irfft(products, n=length)[..., : x.shape[-1]]
             grad_x = full.sum_to_size(x.shape) if full.shape != x.shape else full
         return grad_kernel, grad_x, None
@@ -154,11 +146,17 @@ def convolve_spectrum(spectrum: Tensor, x: Tensor, length: int) -> Tensor:
     if x.numel() == 0:
         shape = torch.broadcast_shapes(spectrum.shape[:-1], x.shape[:-1])
         return x.new_zeros((*shape, length))
-    x_hat = torch.fft.rfft(x, n=length)
-    if (not records_gradient(spectrum, x) and x_hat.dtype == spectrum.dtype
-            and torch.broadcast_shapes(x_hat.shape, spectrum.shape) == x_hat.shape):
-        return torch.fft.irfft(x_hat.mul_(spectrum), n=length)  # x_hat is this call's own: no fresh product
-    return torch.fft.irfft(spectrum * x_hat, n=length)
+    # rfft(x) is this call's own tensor: the product may overwrite it.
+    return torch.fft.irfft(_multiply(torch.fft.rfft(x, n=length), spectrum, not records_gradient(spectrum, x)),
+                           n=length)
+
+
+def _multiply(own: Tensor, other: Tensor, in_place: bool) -> Tensor:
+    """``own * other``, written into ``own`` when ``in_place`` and the product has ``own``'s shape and dtype (so
+    that nothing is broadcast into it or cast down); ``own`` must then be the caller's to overwrite."""
+    if in_place and own.dtype == other.dtype and torch.broadcast_shapes(own.shape, other.shape) == own.shape:
+        return own.mul_(other)
+    return own * other
 
 
 def circular_convolution_work(tokens: int, length: int, backward: bool) -> tuple[float, float]:
