@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 from surm.atomic import write_text
-from surm.commands.decoder_bench import (BLOCKS, LORA_LABEL, LORA_RANK, SHAPES, TRAIN_BATCH, VOCABULARY, decoder,
+from surm.commands.decoder_bench import (BLOCKS, LORA_LABEL, SHAPES, TRAIN_BATCH, VOCABULARY, decoder, entries,
                                          training_step)
 from surm.commands.measure import iqr_ms, median_ms, time_interleaved
-from surm.peft import SurmConfig
 from surm.structures._fft import toeplitz_length
 
 #: Transforms and spectral products per token and layer of a training step at the least (module docstring).
@@ -78,9 +77,9 @@ def least_work(shapes: Sequence[tuple[int, int]], length: Callable[[int, int], i
     return run
 
 
-def adam_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
-    """:func:`~surm.commands.decoder_bench.training_step` with AdamW over ``model``'s trainable parameters."""
-    return training_step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), ids)
+def step_label(family: str) -> str:
+    """The row of ``family`` in delta mode on every linear layer: its label in ``surm bench``'s decoder table."""
+    return f"surm {family}, all-linear"
 
 
 def measure(size: str, families: Sequence[str], warmup: int, repeats: int,
@@ -88,15 +87,14 @@ def measure(size: str, families: Sequence[str], warmup: int, repeats: int,
     """Seconds per call of every row at ``size``: the LoRA, no-adapter and surm steps, each family's transforms."""
     base = decoder(size)
     ids = torch.randint(1, VOCABULARY, batch, generator=torch.Generator().manual_seed(0))
-    lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM"))
+    configs = {entry.label: entry.config for entry in entries(quick=False)}  # the decoder table's own rows
     bare = copy.deepcopy(base).requires_grad_(False)
     bare.get_input_embeddings().weight.requires_grad_(True)
-    calls = {LORA_LABEL: adam_step(lora, ids), NO_ADAPTER: adam_step(bare, ids)}
+    calls = {LORA_LABEL: training_step(peft.get_peft_model(copy.deepcopy(base), configs[LORA_LABEL]), ids),
+             NO_ADAPTER: training_step(bare, ids)}
     for family in families:
-        model = peft.get_peft_model(copy.deepcopy(base), SurmConfig(
-            structure=family, target_modules="all-linear", task_type="CAUSAL_LM"))
-        calls[f"surm {family}, all-linear"] = adam_step(model, ids)
+        model = peft.get_peft_model(copy.deepcopy(base), configs[step_label(family)])
+        calls[step_label(family)] = training_step(model, ids)
         calls[f"{family}'s least spectral work"] = least_work(linear_shapes(base), LENGTHS[family],
                                                               batch[0] * batch[1])
     return time_interleaved(calls, warmup, repeats)
@@ -119,7 +117,7 @@ def report(size: str, families: Sequence[str], times: dict[str, list[float]],
               "floor / LoRA's |", "|---|---|---:|---:|"]
     for family in families:
         floor = bare + median_ms(times[f"{family}'s least spectral work"])
-        step = median_ms(times[f"surm {family}, all-linear"])
+        step = median_ms(times[step_label(family)])
         sizes = f"{LENGTHS[family](hidden, hidden)} / {LENGTHS[family](mlp, hidden)}"
         lines.append(f"| {family} | {sizes} | {step / lora:.3f} | {floor / lora:.3f} |")
     return "\n".join(lines) + "\n"

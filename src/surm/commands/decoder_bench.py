@@ -87,8 +87,7 @@ def run_decoder(device: str, quick: bool, warmup: int, repeats: int) -> dict[str
         for entry in entries(quick):
             torch.manual_seed(0)
             model = peft.get_peft_model(copy.deepcopy(base), entry.config).to(device)
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            steps[entry.label] = training_step(model, optimizer, ids)
+            steps[entry.label] = training_step(model, ids)
             generations[entry.label] = _generate(model, prompt, generated)
             rows[entry.label] = {"family": entry.family, "mode": entry.mode,
                                  "trainable_params": trainable_parameters(model),
@@ -102,8 +101,11 @@ def run_decoder(device: str, quick: bool, warmup: int, repeats: int) -> dict[str
     return results
 
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> Callable[[], None]:
-    """A causal-LM training step on ``ids`` (its own labels): forward, backward, ``optimizer``'s step."""
+def training_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """A causal-LM training step on ``ids`` (its own labels): forward, backward, and AdamW over ``model``'s trainable
+    parameters (its own optimizer, made here)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
     def run() -> None:
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
