@@ -346,15 +346,15 @@ class Fourier(StructuredMatrix):
 
     def structured_cost(self, tokens: int, backward: bool, reused: bool = False) -> Cost:
         # Forward: rfft(x), its copy into bin-major planes, the sparse product P planes (2 K multiply-adds and the
-        # output's 2 (m/2 + 1) numbers per row), the copy back, irfft. Backward (SpectrumGatherScatter): the
-        # gradient's rfft and planes, P^T's product, its copy back and irfft, and the product sampled at P's 2 K
-        # positions for the coefficients.
+        # output's 2 (m/2 + 1) numbers per row), the copy back (two copies, _from_planes), irfft. Backward
+        # (SpectrumGatherScatter): the gradient's rfft and planes, P^T's product, its copy back (two) and irfft, and
+        # the product sampled at P's 2 K positions for the coefficients.
         in_numbers, out_numbers = 2 * (self.in_features // 2 + 1), 2 * (self.out_features // 2 + 1)
         fft = tokens * (fft_work(self.in_features) + fft_work(self.out_features))
         forward = tokens * (in_numbers + 2 * self.frequencies + 2 * out_numbers)
         backward_work = tokens * (out_numbers + 4 * self.frequencies + 2 * in_numbers) if backward else 0
         work = Cost(fft=(2 if backward else 1) * fft, elementwise=MOVED_NUMBER_WORK * (forward + backward_work))
-        return work + operator_calls(8, 14, backward)
+        return work + operator_calls(10, 16, backward)
 
     def dense_cost(self, backward: bool) -> Cost:
         # Forward: the half grid (m x (n/2 + 1) complex) and one irfft2; backward: one rfft2 and the gather.
