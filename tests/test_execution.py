@@ -16,7 +16,8 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import surm  # noqa: E402
 from surm.commands.measure import OneLinear  # noqa: E402
-from surm.execution import EXECUTIONS, FOLDED_REUSE_MAX_NUMBERS, choose_path, path_costs, path_seconds  # noqa: E402
+from surm.execution import EXECUTIONS, KEPT_DENSE_MAX_NUMBERS, choose_path, path_costs, path_seconds  # noqa: E402
+from surm.structures.base import Cost  # noqa: E402
 
 from .checks import gradcheck_module, relative_error  # noqa: E402
 from .devices import DEVICES  # noqa: E402
@@ -94,17 +95,23 @@ def test_auto_takes_the_cheaper_path_by_the_cost_model():
                 cheaper = min(seconds, key=seconds.get)
                 assert choose_path("auto", matrix, tokens, folded=folded, backward=backward, reused=reused) == cheaper
     # A kept spectrum makes the structured path cheaper; a small layer's kept folded weight makes folding free (the
-    # base product alone); a large layer keeps no folded weight, and a separate dense product keeps nothing.
+    # base product alone), and a small matrix applied on its own keeps s · dense(M): one product, no building; a
+    # large matrix keeps neither.
     kept, rebuilt = (path_seconds(matrix, 1, folded=True, backward=False, reused=r) for r in (True, False))
     assert kept["structured"] < rebuilt["structured"] and kept["dense"] == 0 < rebuilt["dense"]
     assert choose_path("auto", matrix, 1, folded=True, backward=False, reused=True) == "dense"
-    kept, rebuilt = (path_seconds(matrix, 1, folded=False, backward=False, reused=r) for r in (True, False))
-    assert kept["dense"] == rebuilt["dense"] > 0
-    large = surm.structure("circulant", 1024, FOLDED_REUSE_MAX_NUMBERS // 1024 + 1)
-    kept, rebuilt = (path_seconds(large, 1, folded=True, backward=False, reused=r) for r in (True, False))
-    assert kept["dense"] == rebuilt["dense"] > 0
-    edge = surm.structure("circulant", 1024, FOLDED_REUSE_MAX_NUMBERS // 1024)
+    kept, rebuilt = (path_costs(matrix, 1, folded=False, backward=False, reused=r) for r in (True, False))
+    assert kept["dense"].gemm == rebuilt["dense"].gemm == 2 * 384 * 384 and kept["dense"].fft == 0
+    assert 0 < kept["dense"].calls < rebuilt["dense"].calls and kept["dense"].elementwise < rebuilt["dense"].elementwise
+    assert choose_path("auto", matrix, 1, folded=False, backward=False, reused=True) == "dense"
+    large = surm.structure("circulant", 1024, KEPT_DENSE_MAX_NUMBERS // 1024 + 1)
+    for folded in (True, False):
+        kept, rebuilt = (path_seconds(large, 1, folded=folded, backward=False, reused=r) for r in (True, False))
+        assert kept["dense"] == rebuilt["dense"] > 0
+    edge = surm.structure("circulant", 1024, KEPT_DENSE_MAX_NUMBERS // 1024)
     assert path_seconds(edge, 1, folded=True, backward=False, reused=True)["dense"] == 0
+    assert path_costs(edge, 1, folded=False, backward=False, reused=True)["dense"] == Cost(
+        gemm=2 * 1024 * (KEPT_DENSE_MAX_NUMBERS // 1024), elementwise=1024, calls=2)
     with pytest.raises(ValueError, match=r"reused values apply only to calls that record no gradient"):
         path_seconds(matrix, 1, folded=True, backward=True, reused=True)
     # One row without gradients does not pay for building an n x n matrix; without gradients, folding into the base

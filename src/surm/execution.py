@@ -78,12 +78,14 @@ RATES: dict[str, DeviceRates] = {
 }
 
 
-#: Largest base weight (numbers) whose folded weight ``W0 + s · dense(M)`` a layer keeps between eval-mode calls that
-#: record no gradient (generation, evaluation): 2**18, 1 MiB in float32 per layer. Such a call then costs the base
-#: product alone, with nothing besides it; a small layer is where per-call work dominates (one generated token). A
-#: layer of a large model (hidden 2048: 4M numbers and more) keeps nothing, so the memory added stays at most one
-#: copy of the small adapted layers' weights. ``execution="structured"`` (no folding) keeps nothing anywhere.
-FOLDED_REUSE_MAX_NUMBERS = 2**18
+#: Largest matrix (numbers) the dense path keeps between eval-mode calls that record no gradient (generation,
+#: evaluation): 2**18, 1 MiB in float32. A layer keeps its folded weight ``W0 + s · dense(M)`` (such a call then costs
+#: the base product alone, with nothing besides it), and a matrix applied on its own keeps ``s · dense(M)`` (an
+#: adapter-mode map, a delta that cannot fold: one product per call, in place of its family's transforms); a small
+#: layer is where per-call work dominates (one generated token). A layer of a large model (hidden 2048: 4M numbers
+#: and more) keeps nothing, so the memory added stays at most one copy of the small adapted matrices.
+#: ``execution="structured"`` keeps nothing anywhere.
+KEPT_DENSE_MAX_NUMBERS = 2**18
 
 #: Operator calls of the update around the family's own, (forward, backward), as PyTorch dispatches them (the scale
 #: s rides on a product): the structured path adds s · M x to the base output and passes the gradient back through
@@ -93,6 +95,8 @@ FOLDED_REUSE_MAX_NUMBERS = 2**18
 STRUCTURED_CALLS: tuple[int, int] = (1, 2)
 FOLD_CALLS: tuple[int, int] = (1, 0)
 SEPARATE_DENSE_CALLS: tuple[int, int] = (1, 4)
+#: A kept s · dense(M) applied on its own (:data:`KEPT_DENSE_MAX_NUMBERS`): its product and the sum with the output.
+KEPT_SEPARATE_CALLS: tuple[int, int] = (2, 0)
 
 
 def check_execution(execution: object) -> str:
@@ -100,6 +104,12 @@ def check_execution(execution: object) -> str:
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
     return execution  # type: ignore[return-value]
+
+
+def keeps_dense(matrix: StructuredMatrix) -> bool:
+    """Whether the dense path keeps ``matrix``'s dense form (or the weight it is folded into) between calls that may
+    reuse it: at most :data:`KEPT_DENSE_MAX_NUMBERS` numbers."""
+    return matrix.out_features * matrix.in_features <= KEPT_DENSE_MAX_NUMBERS
 
 
 def path_costs(
@@ -110,8 +120,11 @@ def path_costs(
         raise ValueError("reused values apply only to calls that record no gradient (backward=False)")
     m, n = matrix.out_features, matrix.in_features
     dense = matrix.dense_cost(backward)
-    if folded and reused and m * n <= FOLDED_REUSE_MAX_NUMBERS:
-        dense = Cost()  # the kept W0 + s · dense(M) takes the base weight's place in the base product
+    if reused and keeps_dense(matrix):
+        # Folded: the kept W0 + s · dense(M) takes the base weight's place in the base product. On its own: the kept
+        # s · dense(M) times x, added to the output.
+        dense = Cost() if folded else Cost(gemm=2 * tokens * m * n, elementwise=tokens * m) + operator_calls(
+            *KEPT_SEPARATE_CALLS, False)
     elif folded:
         # s · dense(M) added to W0 (and the sum's gradient passed back); the product itself is the base layer's,
         # its weight gradient (one product, the weight's first) is the path's own.
@@ -139,9 +152,10 @@ def path_seconds(
             product, the structured path its own backward.
         reused: True for an eval-mode call that records no gradient (generation, evaluation): the structured path
             then takes the values its family derives from the parameters alone (FFT spectra, Monarch's factors)
-            from their cache instead of computing them (:mod:`surm.structures._reuse`); the folded dense path
-            of a layer with at most :data:`FOLDED_REUSE_MAX_NUMBERS` weights keeps ``W0 + s · dense(M)`` and costs
-            nothing besides the base product; elsewhere the dense path keeps nothing and builds dense(M) per call.
+            from their cache instead of computing them (:mod:`surm.structures._reuse`); the dense path of a matrix
+            with at most :data:`KEPT_DENSE_MAX_NUMBERS` numbers keeps what it built: folded, ``W0 + s · dense(M)``,
+            which costs nothing besides the base product; on its own, ``s · dense(M)``, which costs one product;
+            elsewhere the dense path keeps nothing and builds dense(M) per call.
         device_type: ``"cpu"``, ``"cuda"``; other types use the CUDA rates.
 
     Returns:

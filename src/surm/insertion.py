@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .execution import check_execution, choose_path
+from .execution import check_execution, choose_path, keeps_dense
 from .structures import StructuredMatrix, structure
-from .structures._reuse import records_gradient
+from .structures._reuse import ParameterCache, forget_on_mode_switch, records_gradient, reusable
 from .structures.base import cast, compute_dtype
 from .validation import is_int
 
@@ -38,6 +38,62 @@ def _dropped_out(dropout: nn.Module, x: Tensor) -> Tensor:
 def _upcast(t: Tensor) -> Tensor:
     """float64 stays float64; every other float dtype is computed in float32."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def remembered_path(paths: dict[tuple, str], matrix: StructuredMatrix, execution: str, x: Tensor,
+                    folded: bool = False) -> str:
+    """``"structured"`` or ``"dense"``: how ``matrix`` applies to ``x`` (..., in_features) now, remembered in ``paths``.
+
+    ``folded`` says whether the dense path would share the base layer's product (inside a SurmLayer).
+
+    The answer is :func:`~surm.execution.choose_path` of the call's signature (``execution``, token count,
+    ``folded``, whether a backward pass follows, whether the matrix may reuse its cached values: eval mode and
+    no backward, device type); all else it reads (the matrix's shape and options, fixed at construction, and
+    the constant :data:`~surm.execution.RATES`) never changes, so each signature's answer is remembered (up to
+    :data:`PATH_CACHE_SIZE`). Evaluating the cost model costs about as much as a small layer's product, and a
+    generating LLM calls every layer with the same signature for each new token. Changing ``execution``, the
+    grad mode, ``requires_grad``, train/eval mode or the device changes the signature, so no answer goes
+    stale. Under ``torch.compile`` the choice is traced (and guarded) as plain code instead.
+    """
+    tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+    # Grad mode off (generation) or an input that requires a gradient (training) settles it without walking
+    # the parameters; only a grad-mode call on a constant input asks them.
+    backward = torch.is_grad_enabled() and (x.requires_grad or records_gradient(*matrix.parameters()))
+    # As the matrix's forward decides (surm.structures._reuse.reusable); under torch.compile it reuses nothing.
+    reused = not backward and not matrix.training and not torch.compiler.is_compiling()
+    key = (execution, tokens, folded, backward, reused, x.device.type)
+    if torch.compiler.is_compiling():
+        return choose_path(execution, matrix, tokens, folded=folded, backward=backward, reused=reused,
+                           device_type=x.device.type)
+    path = paths.get(key)
+    if path is None:
+        if len(paths) >= PATH_CACHE_SIZE:
+            paths.clear()
+        path = paths[key] = choose_path(execution, matrix, tokens, folded=folded, backward=backward,
+                                        reused=reused, device_type=x.device.type)
+    return path
+
+
+def dense_product(matrix: StructuredMatrix, kept: ParameterCache[Tensor], x: Tensor, alpha: float = 1.0) -> Tensor:
+    """``x @ (alpha · dense(M))^T`` in the dtype of x (computed as the family's forward is, :func:`compute_dtype`).
+
+    ``alpha · dense(M)`` is kept in ``kept`` for the next call while that call may reuse it
+    (:func:`~surm.structures._reuse.reusable`: eval mode, no gradient recorded) and M is small
+    (:func:`~surm.execution.keeps_dense`), as a layer keeps its folded weight; otherwise it is built on each call,
+    with its gradients.
+    """
+    params = tuple(matrix.parameters())
+    dtype = compute_dtype(x, *params)
+
+    def build() -> Tensor:
+        dense = cast(matrix.dense(), dtype)
+        return dense if alpha == 1.0 else alpha * dense
+
+    if keeps_dense(matrix) and reusable(x, params, matrix.training):
+        weight = kept.get(params, (dtype, alpha), build)
+    else:
+        weight = build()
+    return cast(F.linear(cast(x, dtype), weight), x.dtype)
 
 
 class DeltaUpdate(nn.Module):
@@ -70,6 +126,12 @@ class DeltaUpdate(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.execution = check_execution(execution)
         self._paths: dict[tuple[str, int, bool, bool, bool, str], str] = {}
+        self._kept: ParameterCache[Tensor] = ParameterCache()
+
+    def train(self, mode: bool = True) -> DeltaUpdate:
+        """Set the mode; switching it forgets the kept s · dense(M) (:func:`forget_on_mode_switch`)."""
+        forget_on_mode_switch(self, mode)
+        return super().train(mode)
 
     @property
     def has_dropout(self) -> bool:
@@ -77,50 +139,20 @@ class DeltaUpdate(nn.Module):
         return _dropout_is_active(self.dropout)
 
     def path(self, x: Tensor, folded: bool = False) -> str:
-        """``"structured"`` or ``"dense"``: how this update applies to ``x`` (..., in_features) now.
-
-        ``folded`` says whether the dense path would share the base layer's product (inside a SurmLayer).
-
-        The answer is :func:`~surm.execution.choose_path` of the call's signature (``execution``, token count,
-        ``folded``, whether a backward pass follows, whether the matrix may reuse its cached values: eval mode and
-        no backward, device type); all else it reads (the matrix's shape and options, fixed at construction, and
-        the constant :data:`~surm.execution.RATES`) never changes, so each signature's answer is remembered (up to
-        :data:`PATH_CACHE_SIZE`). Evaluating the cost model costs about as much as a small layer's product, and a
-        generating LLM calls every layer with the same signature for each new token. Changing ``execution``, the
-        grad mode, ``requires_grad``, train/eval mode or the device changes the signature, so no answer goes
-        stale. Under ``torch.compile`` the choice is traced (and guarded) as plain code instead.
-        """
-        tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-        # Grad mode off (generation) or an input that requires a gradient (training) settles it without walking
-        # the parameters; only a grad-mode call on a constant input asks them.
-        backward = torch.is_grad_enabled() and (x.requires_grad or records_gradient(*self.matrix.parameters()))
-        # As the matrix's forward decides (surm.structures._reuse.reusable); under torch.compile it reuses nothing.
-        reused = not backward and not self.matrix.training and not torch.compiler.is_compiling()
-        key = (self.execution, tokens, folded, backward, reused, x.device.type)
-        if torch.compiler.is_compiling():
-            return self._choose(*key)
-        path = self._paths.get(key)
-        if path is None:
-            if len(self._paths) >= PATH_CACHE_SIZE:
-                self._paths.clear()
-            path = self._paths[key] = self._choose(*key)
-        return path
-
-    def _choose(self, execution: str, tokens: int, folded: bool, backward: bool, reused: bool, device_type: str) -> str:
-        return choose_path(execution, self.matrix, tokens, folded=folded, backward=backward, reused=reused,
-                           device_type=device_type)
+        """``"structured"`` or ``"dense"``: how this update applies to ``x`` now (:func:`remembered_path`)."""
+        return remembered_path(self._paths, self.matrix, self.execution, x, folded)
 
     def forward(self, x: Tensor, path: Optional[str] = None) -> Tensor:
         """(..., in_features) -> (..., out_features), in the dtype of x.
 
         ``path`` is the execution path when the caller has already asked :meth:`path` for x (a layer does, to
         decide whether to fold); otherwise it is asked here. Identity dropout (p = 0, or eval mode) is skipped
-        rather than called: it returns x itself either way.
+        rather than called: it returns x itself either way. The dense path is :func:`dense_product` (s · dense(M)
+        kept between calls that may reuse it, for a small M).
         """
         x = _dropped_out(self.dropout, x)
         if (path or self.path(x)) == "dense":
-            dtype = compute_dtype(x, *self.matrix.parameters())
-            return cast(F.linear(cast(x, dtype), cast(self.delta_weight(), dtype)), x.dtype)
+            return dense_product(self.matrix, self._kept, x, self.alpha)
         y = self.matrix(x)
         return y if self.alpha == 1.0 else self.alpha * y
 
@@ -156,10 +188,14 @@ class OutputAdapter(nn.Module):
         dropout: dropout probability on h before the map.
         identity_init: True for the identity at start; False for a random, non-identity adapter.
         bias: whether the single d x d map has its bias b (the bottleneck form has none).
+        execution: how each map applies, as for a :class:`DeltaUpdate` applied on its own (never folded):
+            ``"structured"`` (the family's fast apply), ``"dense"`` (``x @ dense(S)^T``, gradients through
+            ``dense()``; a small map's dense form kept between eval-mode calls that record no gradient) or
+            ``"auto"`` (the cheaper by :func:`~surm.execution.choose_path`, per map and call signature).
 
     Raises:
-        ValueError: for an unknown activation (naming the valid ones), or a bottleneck outside 1..d; both are
-            checked before anything is allocated.
+        ValueError: for an unknown activation (naming the valid ones), a bottleneck outside 1..d, or an unknown
+            ``execution``; all are checked before anything is allocated.
     """
 
     def __init__(
@@ -172,8 +208,10 @@ class OutputAdapter(nn.Module):
         dropout: float = 0.0,
         identity_init: bool = True,
         bias: bool = True,
+        execution: str = "auto",
     ) -> None:
         super().__init__()
+        self.execution = check_execution(execution)
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         if bottleneck is not None and not (is_int(bottleneck, minimum=1) and bottleneck <= features):
@@ -196,15 +234,33 @@ class OutputAdapter(nn.Module):
             self.map = self.bias = None
             self.down = structure(name, bottleneck, features, init="random", **options)
             self.up = structure(name, features, bottleneck, init=init, **options)
+        self._kept_map: ParameterCache[Tensor] = ParameterCache()
+        self._kept_down: ParameterCache[Tensor] = ParameterCache()
+        self._kept_up: ParameterCache[Tensor] = ParameterCache()
+        self._paths: dict[str, dict[tuple, str]] = {"map": {}, "down": {}, "up": {}}
+
+    def train(self, mode: bool = True) -> OutputAdapter:
+        """Set the mode; switching it forgets the kept dense maps (:func:`forget_on_mode_switch`)."""
+        forget_on_mode_switch(self, mode)
+        return super().train(mode)
 
     def forward(self, h: Tensor) -> Tensor:
         """(..., d) -> (..., d): the increment added to h, in the dtype of h (identity dropout is skipped)."""
         act = _ACTIVATIONS[self.activation]
         x = _dropped_out(self.dropout, h)
         if self.map is not None:
-            out = act(_upcast(self.map(x)))
+            out = act(_upcast(self._product("map", self.map, self._kept_map, x)))
             return (out if self.bias is None else out + self.bias).to(h.dtype)
-        return self.up(act(_upcast(self.down(x))).to(h.dtype))
+        inner = act(_upcast(self._product("down", self.down, self._kept_down, x))).to(h.dtype)
+        return self._product("up", self.up, self._kept_up, inner)
+
+    def _product(self, role: str, matrix: StructuredMatrix, kept: ParameterCache[Tensor], x: Tensor) -> Tensor:
+        """M x by the path ``execution`` asks for (:func:`remembered_path`, never folded: an adapter's map has no
+        base product to share): the family's own apply, or :func:`dense_product` (for a small map, dense(M) kept
+        between calls that may reuse it, e.g. the one token of each generation step)."""
+        if remembered_path(self._paths[role], matrix, self.execution, x) == "dense":
+            return dense_product(matrix, kept, x)
+        return matrix(x)
 
     def num_parameters(self) -> int:
         if self.map is not None:

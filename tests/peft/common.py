@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import peft
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
@@ -74,3 +76,51 @@ def make_t5(seed: int = 0) -> T5ForConditionalGeneration:
         pad_token_id=0, eos_token_id=None,
     )
     return T5ForConditionalGeneration(config).eval()
+
+
+def assert_generation_follows_training(models: Sequence[torch.nn.Module], kept: Callable[[], bool],
+                                       forgotten: Callable[[], bool]) -> None:
+    """Greedy generation (6 tokens, with scores) of the first model, which keeps values between calls, equals the
+    second's (nothing kept), before and after a training step of both taken between the two generations
+    (eval() -> train() -> eval(), as a train-and-sample loop does); ``kept()`` holds after each generation and
+    ``forgotten()`` after the step, and the step changed the first scores."""
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in models]
+    prompt = torch.tensor([[5, 17, 42, 8]])
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    first_scores = None
+    for round_ in range(2):
+        outputs = []
+        for model in models:
+            model.eval()
+            with torch.no_grad():
+                outputs.append(model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                              max_new_tokens=6, do_sample=False, output_scores=True,
+                                              return_dict_in_generate=True))
+        assert kept()
+        assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+        for got, want in zip(outputs[0].scores, outputs[1].scores):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        if first_scores is not None:  # the step changed what the kept values must give
+            assert not torch.allclose(outputs[0].scores[0], first_scores)
+        if round_ == 0:
+            first_scores = outputs[0].scores[0]
+            for model, optimizer in zip(models, optimizers):
+                model.train()
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            assert forgotten()
+
+
+def assert_change_is_seen(module: torch.nn.Module, change: Callable[[torch.nn.Module], None], x: torch.Tensor,
+                          fresh: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]) -> None:
+    """After ``change(module)``, the eval-mode output on ``x`` (in the module's dtype then) differs from before and
+    equals ``fresh(module, x)``, what the module computes with every kept value forgotten."""
+    with torch.no_grad():
+        before = module(x)
+    change(module)
+    x = x.to(next(module.parameters()).dtype)
+    with torch.no_grad():
+        after = module(x)
+    assert not torch.equal(after.double(), before)
+    assert torch.equal(after, fresh(module, x))

@@ -1,7 +1,7 @@
 """A small layer keeps its folded weight W0 + s · dense(M) between eval-mode calls that record no gradient
 (surm.peft.layer.SurmLayer._forward_folded): the outputs equal those of a layer that keeps nothing, bit for bit; any
 change of W0, of the adapters' parameters or scales, of the adapters folded or of the mode is seen; nothing is kept
-in training, for an input that records a gradient, or for a layer above surm.execution.FOLDED_REUSE_MAX_NUMBERS; the
+in training, for an input that records a gradient, or for a layer above surm.execution.KEPT_DENSE_MAX_NUMBERS; the
 kept tensor is one weight of the base layer's shape. Linear, Conv1D and a strided, padded 1x1 Conv2d."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import surm  # noqa: E402
-from surm.execution import FOLDED_REUSE_MAX_NUMBERS  # noqa: E402
+from surm.execution import KEPT_DENSE_MAX_NUMBERS  # noqa: E402
 
 from ..structures.cases import FAMILY_CASES, case_id  # noqa: E402
-from .common import make_llama  # noqa: E402
+from .common import assert_change_is_seen, assert_generation_follows_training, make_llama  # noqa: E402
 from ..test_execution import Net  # noqa: E402  (Linear, Conv1D and a strided, padded 1x1 Conv2d)
 
 TARGETS = ["linear", "conv1d", "conv2d"]
@@ -117,15 +117,7 @@ def changes() -> list[tuple[str, object]]:
 
 @pytest.mark.parametrize(("label", "change"), changes(), ids=[c[0] for c in changes()])
 def test_a_change_is_seen(label, change):
-    model = adapted("toeplitz", {})
-    with torch.no_grad():
-        before = model(X)
-    change(model)
-    x = X.to(next(model.parameters()).dtype)
-    with torch.no_grad():
-        after = model(x)
-    assert not torch.equal(after.double(), before)
-    assert torch.equal(after, fresh(model, x))
+    assert_change_is_seen(adapted("toeplitz", {}), change, X, fresh)
 
 
 def test_merge_unmerge_and_disabling_are_seen():
@@ -171,7 +163,7 @@ def test_switching_mode_forgets_the_kept_weight_and_eval_in_eval_mode_keeps_it()
 
 
 def test_a_layer_above_the_limit_keeps_nothing():
-    out = FOLDED_REUSE_MAX_NUMBERS // 512 + 1
+    out = KEPT_DENSE_MAX_NUMBERS // 512 + 1
     large = peft.get_peft_model(nn.Sequential(nn.Linear(512, out)), surm.SurmConfig(
         structure="circulant", target_modules=["0"], init_weights=False, execution="dense")).eval()
     small = peft.get_peft_model(nn.Sequential(nn.Linear(512, out - 1)), surm.SurmConfig(
@@ -180,7 +172,7 @@ def test_a_layer_above_the_limit_keeps_nothing():
         large(torch.randn(1, 512))
         small(torch.randn(1, 512))
     assert kept(large) == [None]
-    assert kept(small)[0] is not None and kept(small)[0].numel() <= FOLDED_REUSE_MAX_NUMBERS
+    assert kept(small)[0] is not None and kept(small)[0].numel() <= KEPT_DENSE_MAX_NUMBERS
 
 
 @pytest.mark.parametrize("name", ["circulant", "ldr", "monarch"])
@@ -192,30 +184,6 @@ def test_generation_with_kept_weights_follows_training_between_calls(name):
     for execution in ("auto", "structured"):
         config = surm.SurmConfig(structure=name, target_modules="all-linear", init_weights=False, execution=execution)
         models.append(peft.get_peft_model(make_llama().double(), config))
-    kept_model, structured = models
-    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in models]
-    prompt = torch.tensor([[5, 17, 42, 8]])
-    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    first_scores = None
-    for round_ in range(2):
-        outputs = []
-        for model in models:
-            model.eval()
-            with torch.no_grad():
-                outputs.append(model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                              max_new_tokens=6, do_sample=False, output_scores=True,
-                                              return_dict_in_generate=True))
-        assert all(w is not None for w in kept(kept_model))  # the small layers kept their folded weights
-        assert torch.equal(outputs[0].sequences, outputs[1].sequences)
-        for got, want in zip(outputs[0].scores, outputs[1].scores):
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-        if first_scores is not None:  # the step changed what the kept weights must give
-            assert not torch.allclose(outputs[0].scores[0], first_scores)
-        if round_ == 0:
-            first_scores = outputs[0].scores[0]
-            for model, optimizer in zip(models, optimizers):
-                model.train()
-                model(input_ids=ids, labels=ids).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            assert kept(kept_model) == [None] * len(kept(kept_model))  # train() forgot them
+    kept_model = models[0]
+    assert_generation_follows_training(models, lambda: all(w is not None for w in kept(kept_model)),
+                                       lambda: kept(kept_model) == [None] * len(kept(kept_model)))

@@ -90,11 +90,12 @@ class SurmConfig(PeftConfig):
         default="auto",
         metadata={
             "cli": str,
-            "help": f"Delta mode: how M is applied, one of {EXECUTIONS}. 'structured': the family's fast apply on "
-            "every token (FFT, small products). 'dense': dense(M) built once per forward and folded into the base "
-            "layer's product, W0 + alpha · dense(M) (gradients reach M's parameters through dense()). 'auto': per "
-            "layer and call, the cheaper by surm.execution's cost model (tokens, shape, device, training or not). "
-            "All give the same values; only speed and memory differ."
+            "help": f"How M (adapter mode: S) is applied, one of {EXECUTIONS}. 'structured': the family's fast "
+            "apply on every token (FFT, small products). 'dense': dense(M) built once per forward (gradients reach "
+            "M's parameters through dense()); in delta mode folded into the base layer's product, W0 + alpha · "
+            "dense(M); a small matrix's kept between eval-mode calls that record no gradient (generation). 'auto': "
+            "per layer and call, the cheaper by surm.execution's cost model (tokens, shape, device, training or "
+            "not). All give the same values; only speed and memory differ."
         },
     )
     target_modules: Optional[Union[list[str], str]] = field(

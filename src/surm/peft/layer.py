@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
-from ..execution import FOLDED_REUSE_MAX_NUMBERS
+from ..execution import KEPT_DENSE_MAX_NUMBERS
 from ..insertion import DeltaUpdate, OutputAdapter
 from ..structures import structure
 from ..structures._reuse import ParameterCache, forget_on_mode_switch, reusable
@@ -254,6 +254,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
                 dropout=config.dropout,
                 identity_init=config.init_weights,
                 bias=config.adapter_bias,
+                execution=config.execution,
             )
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -454,7 +455,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
     def _forward_folded(self, x: Tensor, names: Sequence[str]) -> Tensor:
         """The base layer's forward with ``W0 + sum_a s_a · dense(M_a)`` over the delta adapters ``names``.
 
-        A layer with at most :data:`~surm.execution.FOLDED_REUSE_MAX_NUMBERS` weights keeps that weight for the next
+        A layer with at most :data:`~surm.execution.KEPT_DENSE_MAX_NUMBERS` weights keeps that weight for the next
         call while it may be reused (:func:`~surm.structures._reuse.reusable`: eval mode, nothing records a
         gradient) and W0, the adapters' parameters, their scales and the adapters folded are unchanged
         (:class:`~surm.structures._reuse.ParameterCache`); switching mode forgets it.
@@ -464,7 +465,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         def folded() -> Tensor:
             return base_weight + _total(self.get_delta_weight(n) for n in names)
 
-        if base_weight.numel() > FOLDED_REUSE_MAX_NUMBERS:
+        if base_weight.numel() > KEPT_DENSE_MAX_NUMBERS:
             return self._base_forward_with_weight(x, folded())
         deltas = [self.surm_delta[n] for n in names]
         params = (base_weight, *(p for delta in deltas for p in delta.matrix.parameters()))

@@ -6,8 +6,9 @@ applying them to one token, and Monarch would run its blocks' thin batched produ
 factors L' R' do. :class:`ParameterCache` keeps one such value, computed from a few parameters, and hands it back
 while the parameters are provably unchanged. The families keep only values of the parameters' order (spectra of
 length L/2 + 1 per kernel; Monarch's factors, N times its parameters), never a dense matrix, so their memory stays
-O(parameters); a small layer (at most :data:`surm.execution.FOLDED_REUSE_MAX_NUMBERS` weights) keeps its folded
-weight W0 + s · dense(M) the same way (:class:`surm.peft.layer.SurmLayer`).
+O(parameters); a small layer (at most :data:`surm.execution.KEPT_DENSE_MAX_NUMBERS` weights) keeps its folded
+weight W0 + s · dense(M) the same way (:class:`surm.peft.layer.SurmLayer`), and a small matrix applied on its own by
+the dense path (an adapter-mode map, a standalone delta) its s · dense(M) (:func:`surm.insertion.dense_product`).
 """
 
 from __future__ import annotations
