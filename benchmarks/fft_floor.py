@@ -20,7 +20,11 @@ out. Padding, folds, casts and copies are left out of every family's count.
 A layer may instead take the dense path: fold the update into the frozen weight (W0 + M, one pass over m n numbers
 forward), which leaves the layer's two products as they are, and map the weight's gradient g^T x back onto the
 parameters; its least work is that product (tokens x m x n multiply-adds) and two passes over m n numbers (the fold,
-the gradient's reduction onto the parameters). Each layer shape is timed both ways, alone, and counted at the
+the gradient's reduction onto the parameters), which is all a Toeplitz or circulant M needs (built by a copy of its
+diagonals, its gradient their sums). Fourier's M is one real 2-D transform of its sparse spectrum, and its gradient
+one more; LDR's, built the cheapest way known (its displacement equation, :func:`displacement_dense`), a product, a
+running sum and a copy over N n numbers, and backward a copy, a running sum and two matrix-vector products: these
+are timed too and added (:attr:`Floor.dense_form`). Each layer shape is timed both ways, alone, and counted at the
 smaller. So a step of a stack with such an update on every linear layer costs at least
 
     floor = (the step of the stack with no adapter, gradients through every layer)
@@ -43,10 +47,11 @@ import copy
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import peft
 import torch
+from torch import Tensor
 
 from surm.atomic import write_text
 from surm.commands.decoder_bench import (BLOCKS, LORA_LABEL, SHAPES, TRAIN_BATCH, VOCABULARY, decoder, entries,
@@ -62,10 +67,13 @@ Shapes = Sequence[tuple[int, int]]
 class Floor(NamedTuple):
     """A family's least spectral work (module docstring): ``transforms(m, n)``, the (length, count) pairs of its
     transforms per token of an (m, n) layer, and ``build(shapes, tokens)``, a call that does that work once on every
-    layer of ``shapes`` (random operands made beforehand, kernel spectra once)."""
+    layer of ``shapes`` (random operands made beforehand, kernel spectra once); and ``dense_form(shape)``, where
+    building M from the parameters and mapping its gradient back takes more than the one pass the dense path's
+    least work counts, a call that does that extra work once (None: one pass, a copy of diagonals and its sums)."""
 
     transforms: Callable[[int, int], tuple[tuple[int, int], ...]]
     build: Callable[[Shapes, int], Callable[[], None]]
+    dense_form: Optional[Callable[[tuple[int, int]], Callable[[], None]]] = None
 
 
 def convolution_least_work(shapes: Shapes, length: Callable[[int, int], int], tokens: int) -> Callable[[], None]:
@@ -166,14 +174,76 @@ def fourier_least_work(shapes: Shapes, tokens: int) -> Callable[[], None]:
     return run
 
 
+def displacement_dense(circulant: Tensor, skew: Tensor, out_features: int, in_features: int) -> Tensor:
+    """M, the (m, n) block of sum_i Z_1(c_i) Z_{-1}(s_i) (:class:`~surm.structures.ldr.LowDisplacementRank`), from its
+    displacement equation: A[d, j] = b[d] + sum_{k <= j} E[d, k] with E[d, k] = -2 sum_i s_i[-k mod N] c_i[(d + k)
+    mod N] and b = sum_i circ(c_i) s'_i (s'_i: s_i with s_i[0] tripled, so that A[:, 0] is M's first column), and
+    M[i, j] = A[(i - j) mod N, j]. O(r N n) work, no transform per column: the construction
+    :func:`ldr_dense_form` times (the tests check it against the family's own dense form)."""
+    rank, size = circulant.shape
+    cols = in_features
+    tripled = skew.clone()
+    tripled[:, 0] *= 3
+    first = torch.fft.irfft(torch.fft.rfft(circulant) * torch.fft.rfft(tripled), n=size).sum(0)
+    weights = -2 * torch.cat([skew[:, :1], skew[:, 1:].flip(-1)], dim=-1)[:, :cols]  # -2 s_i[-k mod N]
+    windows = torch.cat([circulant, circulant[:, : cols - 1]], dim=-1).unfold(-1, cols, 1)  # c_i[(d + k) mod N]
+    running = (windows * weights.unsqueeze(-2)).sum(0).cumsum(1) + first.unsqueeze(-1)  # A (N, n)
+    rows = (torch.arange(out_features).unsqueeze(-1) - torch.arange(cols)) % size
+    return running[rows, torch.arange(cols)]
+
+
+def ldr_dense_form(shape: tuple[int, int], rank: int = LDR_RANK) -> Callable[[], None]:
+    """The least work known for building an LDR update's M, and mapping its gradient back, beyond one pass: the
+    displacement equation Z_1 M - M Z_{-1} = 2 sum_i c_i (s_i[N-1], ..., s_i[0]) makes A[d, j] = M[(d + j) mod N, j]
+    a running sum along j of E[d, k] = -2 sum_i s_i[-k mod N] c_i[(d + k) mod N] (from M's first column,
+    sum_i circ(c_i) s_i; :func:`displacement_dense` builds M this way). Forward, on N x n numbers (N = max(m, n)):
+    the product E, the running sum, and M gathered from A (one copy); backward: the gradient gathered onto the
+    diagonals (one copy), its running sum, and the two products that give the parameters' gradients (one matrix-vector
+    product each). The per-column transforms of the dense form ``surm`` ships are more work than this."""
+    m, n = shape
+    size = max(m, n)
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randn(rank, size + n - 1, generator=generator).unfold(-1, n, 1)  # (r, N, n) views
+    weights = torch.randn(rank, 1, n, generator=generator)
+    vectors = torch.randn(rank, size, generator=generator), torch.randn(rank, n, generator=generator)
+    terms, running, gathered = torch.empty(rank, size, n), torch.empty(rank, size, n), torch.empty(size, n)
+
+    def run() -> None:
+        torch.mul(windows, weights, out=terms)
+        torch.cumsum(terms.sum(0) if rank > 1 else terms[0], 1, out=running[0])
+        gathered.copy_(running[0])
+        running[0].copy_(gathered)
+        torch.cumsum(running[0], 1, out=gathered)
+        vectors[0] @ gathered, gathered @ vectors[1].T
+
+    return run
+
+
+def fourier_dense_form(shape: tuple[int, int]) -> Callable[[], None]:
+    """A Fourier update's M from its K coefficients and back, beyond one pass: one real 2-D inverse transform of the
+    half spectrum (m x (n/2 + 1)) forward, one 2-D transform of the gradient backward; placing the K coefficients in
+    the half spectrum and reading them back are left out."""
+    m, n = shape
+    generator = torch.Generator().manual_seed(0)
+    half = torch.fft.rfft2(torch.randn(m, n, generator=generator))
+    gradient = torch.randn(m, n, generator=generator)
+
+    def run() -> None:
+        torch.fft.irfft2(half, s=(m, n))
+        torch.fft.rfft2(gradient)
+
+    return run
+
+
 #: family -> its least spectral work (module docstring).
 FLOORS: dict[str, Floor] = {
     "toeplitz": _convolution_floor(toeplitz_length),
     "symmetric_toeplitz": _convolution_floor(toeplitz_length),
     "circulant": _convolution_floor(max),
     "ldr": Floor(lambda m, n: tuple((length, 2 + 2 * LDR_RANK) for length in ldr_lengths(m, n)),
-                 lambda shapes, tokens: ldr_least_work(shapes, tokens)),
-    "fourier": Floor(lambda m, n: ((n, 2), (m, 2)) if m != n else ((n, 4),), fourier_least_work),
+                 lambda shapes, tokens: ldr_least_work(shapes, tokens), ldr_dense_form),
+    "fourier": Floor(lambda m, n: ((n, 2), (m, 2)) if m != n else ((n, 4),), fourier_least_work,
+                     fourier_dense_form),
 }
 NO_ADAPTER = "no adapter: embeddings trained, gradients through every layer"
 
@@ -213,6 +283,10 @@ def dense_label(shape: tuple[int, int]) -> str:
     return f"least dense work, one {shape[0]} x {shape[1]} layer"
 
 
+def dense_form_label(family: str, shape: tuple[int, int]) -> str:
+    return f"{family}'s dense form beyond one pass, one {shape[0]} x {shape[1]} layer"
+
+
 def describe_transforms(transforms: Sequence[tuple[int, int]]) -> str:
     """"4 of 4096", "4 of 7680 + 4 of 5632": a layer's transforms per token."""
     return " + ".join(f"{count} of {length}" for length, count in transforms)
@@ -226,7 +300,7 @@ def step_label(family: str) -> str:
 def measure(size: str, families: Sequence[str], warmup: int, repeats: int,
             batch: tuple[int, int] = TRAIN_BATCH) -> dict[str, list[float]]:
     """Seconds per call of every row at ``size``: the LoRA, no-adapter and surm steps, and per layer shape the dense
-    path's least work and each family's least spectral work."""
+    path's least work, each family's least spectral work and, where it has one, its dense form's extra work."""
     base = decoder(size)
     ids = torch.randint(1, VOCABULARY, batch, generator=torch.Generator().manual_seed(0))
     configs = {entry.label: entry.config for entry in entries(quick=False)}  # the decoder table's own rows
@@ -243,6 +317,8 @@ def measure(size: str, families: Sequence[str], warmup: int, repeats: int,
         calls[step_label(family)] = training_step(model, ids)
         for shape in shapes:
             calls[spectral_label(family, shape)] = FLOORS[family].build([shape], tokens)
+            if FLOORS[family].dense_form is not None:
+                calls[dense_form_label(family, shape)] = FLOORS[family].dense_form(shape)
     return time_interleaved(calls, warmup, repeats)
 
 
@@ -260,14 +336,17 @@ def report(size: str, families: Sequence[str], times: dict[str, list[float]],
     for label, samples in times.items():
         lines.append(f"| {label} | {median_ms(samples):.2f} | {iqr_ms(samples):.2f} | "
                      f"{median_ms(samples) / lora:.3f} |")
-    lines += ["", "Floor = no-adapter step + per layer the less of its least spectral and least dense work (module "
-              "docstring); the path counted for each layer shape (m x n):", "",
+    lines += ["", "Floor = no-adapter step + per layer the less of its least spectral and least dense work (the latter "
+              "with the family's dense form where it has one; module docstring); the path counted for each layer "
+              "shape (m x n):", "",
               f"| family | transforms per token, {hidden} x {hidden} / {mlp} x {hidden} layers | step / LoRA's, "
               "measured | floor / LoRA's | path counted |", "|---|---|---:|---:|---|"]
     for family in families:
         least = {}
         for shape in shapes:
             spectral, dense = median_ms(times[spectral_label(family, shape)]), median_ms(times[dense_label(shape)])
+            if FLOORS[family].dense_form is not None:
+                dense += median_ms(times[dense_form_label(family, shape)])
             least[shape] = ("spectral", spectral) if spectral <= dense else ("dense", dense)
         floor = bare + sum(least[shape][1] for shape in layers)
         step = median_ms(times[step_label(family)])

@@ -83,6 +83,50 @@ def test_the_floor_is_the_bare_step_plus_each_layers_least_path(floor_script):
     assert f"| {LORA_LABEL} | 100.00 | 0.00 | 1.000 |" in text
 
 
+def test_a_familys_dense_form_is_added_to_its_dense_least_work(floor_script):
+    # Fourier's dense form costs 3 ms on every shape: dense 2 + 3 = 5 ms loses to spectral 4 ms everywhere.
+    times = _times(floor_script, "tiny", ["fourier", "toeplitz"], lambda family, shape: 0.004, lambda shape: 0.002,
+                   {"fourier": 0.150, "toeplitz": 0.120})
+    for shape in dict.fromkeys(floor_script.layer_shapes("tiny")):
+        times[floor_script.dense_form_label("fourier", shape)] = [0.003] * 3
+    text = floor_script.report("tiny", ["fourier", "toeplitz"], times)
+    # 14 layers: Fourier (80 + 14 x 4) / 100, Toeplitz (80 + 14 x 2) / 100.
+    assert "| fourier | 4 of 256 / 2 of 256 + 2 of 688 | 1.500 | 1.360 | 256 x 256: spectral, 64 x 256: spectral" in text
+    assert "| toeplitz | 4 of 512 / 4 of 960 | 1.200 | 1.080 | 256 x 256: dense, 64 x 256: dense" in text
+
+
+@pytest.mark.parametrize("out_features,in_features,rank", [(5, 5, 1), (7, 4, 2), (4, 7, 3), (1, 1, 1), (6, 1, 2),
+                                                           (1, 6, 1), (64, 256, 1), (96, 33, 4)])
+def test_the_displacement_construction_is_ldrs_dense_form(floor_script, out_features, in_features, rank):
+    """The construction LDR's dense floor times builds the family's own M (float64, square, rectangular, odd)."""
+    torch.manual_seed(0)
+    matrix = LowDisplacementRank(out_features, in_features, rank, init="random").double()
+    with torch.no_grad():
+        matrix.circulant_columns.normal_()
+        expected = matrix.dense()
+        built = floor_script.displacement_dense(matrix.circulant_columns, matrix.skew_columns, out_features,
+                                                in_features)
+    assert built.shape == (out_features, in_features)
+    torch.testing.assert_close(built, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_dense_forms_least_work(floor_script, monkeypatch):
+    """Fourier's: one real 2-D transform each way, of the (m, n) matrix; LDR's: no transform, two running sums."""
+    calls = []
+    for name in ("rfft", "irfft", "rfft2", "irfft2"):
+        real = getattr(floor_script.torch.fft, name)
+        monkeypatch.setattr(floor_script.torch.fft, name, lambda t, *a, _n=name, _real=real, **k: calls.append(
+            (_n, k.get("s"))) or _real(t, *a, **k))
+    real_cumsum = floor_script.torch.cumsum
+    monkeypatch.setattr(floor_script.torch, "cumsum", lambda t, *a, **k: calls.append(("cumsum", tuple(t.shape)))
+                        or real_cumsum(t, *a, **k))
+    for build, expected in ((floor_script.fourier_dense_form((6, 4)), [("irfft2", (6, 4)), ("rfft2", None)]),
+                            (floor_script.ldr_dense_form((3, 5)), [("cumsum", (5, 5)), ("cumsum", (5, 5))])):
+        calls.clear()  # what building the operands did
+        build()
+        assert calls == expected
+
+
 def test_the_dense_least_work_is_the_fold_the_weight_gradient_and_its_reduction(floor_script, monkeypatch):
     run = floor_script.dense_least_work((6, 4), tokens=3)
     calls = []
@@ -147,7 +191,8 @@ def test_a_quick_measurement_reports_every_row(floor_script):
     shapes = set(floor_script.layer_shapes("tiny"))
     assert set(times) == {LORA_LABEL, floor_script.NO_ADAPTER} | {floor_script.dense_label(s) for s in shapes} | {
         floor_script.step_label(family) for family in families} | {
-        floor_script.spectral_label(family, s) for family in families for s in shapes}
+        floor_script.spectral_label(family, s) for family in families for s in shapes} | {
+        floor_script.dense_form_label(family, s) for family in ("ldr", "fourier") for s in shapes}
     assert all(len(samples) == 1 and samples[0] > 0 for samples in times.values())
     text = floor_script.report("tiny", families, times, batch=(1, 4))
     assert "batch 1 x 4 tokens" in text
