@@ -20,9 +20,12 @@ from .options import Option
 
 #: Elementwise units per number the fast apply moves through its bin-major copies and sparse products: measured
 #: with ``benchmarks/path_rates.py --families fourier`` (9 shapes from 64 x 256 to 5632 x 2048, 1-2048 tokens,
-#: training and eval; docs/results/decoder_speed.md), these run at about half the rate of the elementwise passes the
-#: shared rates were fitted on; with 2, ``auto`` takes the faster path in 68 of 72 cells (1 counts only 64).
-MOVED_NUMBER_WORK = 2.0
+#: training and eval; docs/results/decoder_speed.md), these run slower than the elementwise passes the shared rates
+#: were fitted on. Refitted after the copy back from the planes became two cache-friendly copies (2026-12-03,
+#: docs/results/path_rates_cpu_fourier_refit.md): with 1.5 ``auto`` takes the faster path in 67 of 72 cells and
+#: loses 0.82 ms of 664 (2, the value fitted before that change: 66 and 14 ms; 1: 65 and 20 ms; 2.5-5: 64-66 and
+#: 43 ms).
+MOVED_NUMBER_WORK = 1.5
 
 #: Seed of the rule that draws a shape's frequencies: every matrix of one shape and count uses the same ones, so
 #: they are recomputed, not stored (Python's ``random.random()`` stream is stable across Python versions).
