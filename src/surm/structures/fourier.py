@@ -19,13 +19,13 @@ from .base import Cost, Init, StructuredMatrix, cast, check_combination, compute
 from .options import Option
 
 #: Elementwise units per number the fast apply moves through its bin-major copies and sparse products: measured
-#: with ``benchmarks/path_rates.py --families fourier`` (9 shapes from 64 x 256 to 5632 x 2048, 1-2048 tokens,
-#: training and eval; docs/results/decoder_speed.md), these run slower than the elementwise passes the shared rates
+#: with ``benchmarks/path_rates.py --families fourier``, these run slower than the elementwise passes the shared rates
 #: were fitted on. Refitted after the copy back from the planes became two cache-friendly copies (2026-12-03,
-#: docs/results/path_rates_cpu_fourier_refit.md): with 1.5 ``auto`` takes the faster path in 67 of 72 cells and
-#: loses 0.82 ms of 664 (2, the value fitted before that change: 66 and 14 ms; 1: 65 and 20 ms; 2.5-5: 64-66 and
-#: 43 ms).
-MOVED_NUMBER_WORK = 1.5
+#: docs/results/path_rates_cpu_fourier_refit.md: 11 shapes from 64 x 256 to 5632 x 2048, MiniLM's among them, 1 to
+#: 2,048 tokens, training and eval): with 3 ``auto`` takes the faster path in 125 of 132 cells and loses 31.5 ms of
+#: 966 (2, the value fitted before that change: 119 and 57 ms; 1.5: 117 and 48; 4: 122 and 41), the cells it misses
+#: mostly the largest layers' 2,048-row eval calls.
+MOVED_NUMBER_WORK = 3.0
 
 #: Seed of the rule that draws a shape's frequencies: every matrix of one shape and count uses the same ones, so
 #: they are recomputed, not stored (Python's ``random.random()`` stream is stable across Python versions).
