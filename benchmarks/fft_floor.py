@@ -206,14 +206,14 @@ def ldr_dense_form(shape: tuple[int, int], rank: int = LDR_RANK) -> Callable[[],
     windows = torch.randn(rank, size + n - 1, generator=generator).unfold(-1, n, 1)  # (r, N, n) views
     weights = torch.randn(rank, 1, n, generator=generator)
     vectors = torch.randn(rank, size, generator=generator), torch.randn(rank, n, generator=generator)
-    terms, running, gathered = torch.empty(rank, size, n), torch.empty(rank, size, n), torch.empty(size, n)
+    terms, running, gathered = torch.empty(rank, size, n), torch.empty(size, n), torch.empty(size, n)
 
     def run() -> None:
         torch.mul(windows, weights, out=terms)
-        torch.cumsum(terms.sum(0) if rank > 1 else terms[0], 1, out=running[0])
-        gathered.copy_(running[0])
-        running[0].copy_(gathered)
-        torch.cumsum(running[0], 1, out=gathered)
+        torch.cumsum(terms.sum(0) if rank > 1 else terms[0], 1, out=running)
+        gathered.copy_(running)
+        running.copy_(gathered)
+        torch.cumsum(running, 1, out=gathered)
         vectors[0] @ gathered, gathered @ vectors[1].T
 
     return run

@@ -61,23 +61,32 @@ def remembered_path(paths: dict[tuple, str], matrix: StructuredMatrix, execution
     backward = torch.is_grad_enabled() and (x.requires_grad or records_gradient(*matrix.parameters()))
     # As the matrix's forward decides (surm.structures._reuse.reusable); under torch.compile it reuses nothing.
     reused = not backward and not matrix.training and not torch.compiler.is_compiling()
-    key = (execution, tokens, folded, backward, reused, x.device.type)
-    if torch.compiler.is_compiling():
+
+    def choose() -> str:
         return choose_path(execution, matrix, tokens, folded=folded, backward=backward, reused=reused,
                            device_type=x.device.type)
+
+    if torch.compiler.is_compiling():
+        return choose()
+    key = (execution, tokens, folded, backward, reused, x.device.type)
     path = paths.get(key)
     if path is None:
         if len(paths) >= PATH_CACHE_SIZE:
             paths.clear()
-        path = paths[key] = choose_path(execution, matrix, tokens, folded=folded, backward=backward,
-                                        reused=reused, device_type=x.device.type)
+        path = paths[key] = choose()
     return path
+
+
+def scaled_dense(matrix: StructuredMatrix, alpha: float = 1.0) -> Tensor:
+    """``alpha · dense(M)``, in M's dtype (``dense(M)`` itself for alpha 1)."""
+    dense = matrix.dense()
+    return dense if alpha == 1.0 else alpha * dense
 
 
 def dense_product(matrix: StructuredMatrix, kept: ParameterCache[Tensor], x: Tensor, alpha: float = 1.0) -> Tensor:
     """``x @ (alpha · dense(M))^T`` in the dtype of x (computed as the family's forward is, :func:`compute_dtype`).
 
-    ``alpha · dense(M)`` is kept in ``kept`` for the next call while that call may reuse it
+    ``alpha · dense(M)`` (:func:`scaled_dense`) is kept in ``kept`` for the next call while that call may reuse it
     (:func:`~surm.structures._reuse.reusable`: eval mode, no gradient recorded) and M is small
     (:func:`~surm.execution.keeps_dense`), as a layer keeps its folded weight; otherwise it is built on each call,
     with its gradients.
@@ -86,8 +95,7 @@ def dense_product(matrix: StructuredMatrix, kept: ParameterCache[Tensor], x: Ten
     dtype = compute_dtype(x, *params)
 
     def build() -> Tensor:
-        dense = cast(matrix.dense(), dtype)
-        return dense if alpha == 1.0 else alpha * dense
+        return cast(scaled_dense(matrix, alpha), dtype)
 
     if keeps_dense(matrix) and reusable(x, params, matrix.training):
         weight = kept.get(params, (dtype, alpha), build)
@@ -158,8 +166,7 @@ class DeltaUpdate(nn.Module):
 
     def delta_weight(self) -> Tensor:
         """s · dense(M), shape (out_features, in_features), in the adapter's dtype."""
-        dense = self.matrix.dense()
-        return dense if self.alpha == 1.0 else self.alpha * dense
+        return scaled_dense(self.matrix, self.alpha)
 
     def num_parameters(self) -> int:
         return self.matrix.num_parameters()
